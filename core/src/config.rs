@@ -1,0 +1,346 @@
+//! The TOML configuration (`config/single-node.toml` is the embedded default). Plain data:
+//! serde structs that refuse unknown fields, a `Default`, and `validate()` called at load.
+//!
+//! Relative paths are relative to the working directory of the process.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_owned() + &span_hint(&text, e.span()),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.store.validate()?;
+        self.snapshot.validate()
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    span.map(|s| {
+        let line = text[..s.start.min(text.len())].lines().count().max(1);
+        format!(" (line {line})")
+    })
+    .unwrap_or_default()
+}
+
+/// Where snapshots live.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// A directory on this machine.
+    Local(LocalStoreConfig),
+    /// An S3 bucket (AWS or any S3-compatible service).
+    S3(S3StoreConfig),
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig::Local(LocalStoreConfig::default())
+    }
+}
+
+impl StoreConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            StoreConfig::Local(c) if c.path.as_os_str().is_empty() => {
+                Err(invalid("store.path", "must not be empty"))
+            }
+            StoreConfig::Local(_) => Ok(()),
+            StoreConfig::S3(c) => c.validate(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalStoreConfig {
+    pub path: PathBuf,
+}
+
+impl Default for LocalStoreConfig {
+    fn default() -> Self {
+        LocalStoreConfig {
+            path: PathBuf::from("blockfleet-data/objects"),
+        }
+    }
+}
+
+/// A secret string from config: kept out of `Debug` output.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3StoreConfig {
+    /// `http(s)://host:port`; absent for AWS S3 itself.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    /// Key prefix inside the bucket, so several fleets can share one.
+    #[serde(default)]
+    pub prefix: String,
+    /// Path-style addressing (`endpoint/bucket/key`), which Garage and most self-hosted stores need.
+    #[serde(default)]
+    pub path_style: bool,
+    /// Both or neither; when absent the usual AWS credential chain is used.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_attempt_timeout_secs")]
+    pub attempt_timeout_secs: u64,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    3000
+}
+fn default_attempt_timeout_secs() -> u64 {
+    30
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+impl S3StoreConfig {
+    /// A config with the defaults for everything but the location.
+    pub fn new(endpoint: Option<String>, region: &str, bucket: &str) -> Self {
+        S3StoreConfig {
+            endpoint,
+            region: region.to_owned(),
+            bucket: bucket.to_owned(),
+            prefix: String::new(),
+            path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+            connect_timeout_ms: default_connect_timeout_ms(),
+            attempt_timeout_secs: default_attempt_timeout_secs(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(e) = &self.endpoint {
+            let rest = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"));
+            if !rest.is_some_and(|r| !r.is_empty() && !r.contains(char::is_whitespace)) {
+                return Err(invalid(
+                    "store.endpoint",
+                    format!("{e:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if self.region.is_empty() {
+            return Err(invalid("store.region", "must not be empty"));
+        }
+        let b = &self.bucket;
+        let bucket_ok = (3..=63).contains(&b.len())
+            && b.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+            && !b.starts_with(['-', '.'])
+            && !b.ends_with(['-', '.']);
+        if !bucket_ok {
+            return Err(invalid(
+                "store.bucket",
+                format!("{b:?} is not a valid bucket name (3-63 of a-z, 0-9, '-', '.')"),
+            ));
+        }
+        if !self.prefix.is_empty() {
+            crate::store::validate_prefix(&format!("{}/", self.prefix.trim_end_matches('/')))
+                .map_err(|e| invalid("store.prefix", e.to_string()))?;
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(invalid(
+                "store.access_key_id",
+                "access_key_id and secret_access_key go together",
+            ));
+        }
+        if !(1..=20).contains(&self.max_attempts) {
+            return Err(invalid("store.max_attempts", "must be 1 to 20"));
+        }
+        if self.connect_timeout_ms == 0 || self.attempt_timeout_secs == 0 {
+            return Err(invalid("store timeouts", "must be greater than zero"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// The HMAC key that authenticates manifests; created (mode 0600) on first use.
+    #[serde(default = "default_manifest_key_file")]
+    pub manifest_key_file: PathBuf,
+    /// Chunks read, hashed and uploaded at once by import and export.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_manifest_key_file() -> PathBuf {
+    PathBuf::from("blockfleet-data/manifest.key")
+}
+fn default_concurrency() -> usize {
+    8
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            manifest_key_file: default_manifest_key_file(),
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+impl SnapshotConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.manifest_key_file.as_os_str().is_empty() {
+            return Err(invalid("snapshot.manifest_key_file", "must not be empty"));
+        }
+        if !(1..=256).contains(&self.concurrency) {
+            return Err(invalid("snapshot.concurrency", "must be 1 to 256"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(&p)
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        for name in ["single-node.toml", "s3-example.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config").join(name);
+            Config::load(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert!(matches!(c.store, StoreConfig::Local(_)));
+        assert_eq!(c.snapshot.concurrency, 8);
+    }
+
+    #[test]
+    fn s3_config() {
+        let c = parse(
+            r#"
+            [store]
+            kind = "s3"
+            endpoint = "http://127.0.0.1:3900"
+            region = "garage"
+            bucket = "snaps"
+            path_style = true
+            access_key_id = "GK1"
+            secret_access_key = "very-secret"
+            "#,
+        )
+        .unwrap();
+        let StoreConfig::S3(s3) = &c.store else {
+            panic!("not s3")
+        };
+        assert_eq!(s3.max_attempts, 3);
+        assert!(!format!("{c:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem() {
+        let cases = [
+            ("[store]\nkind = \"ftp\"", "unknown variant"),
+            ("[store]\nkind = \"local\"\npath = \"x\"\nspeed = 3", "unknown field"),
+            ("[snapshot]\nconcurrency = 0", "snapshot.concurrency"),
+            ("[store]\nkind = \"s3\"\nregion = \"r\"\nbucket = \"B!\"", "store.bucket"),
+            (
+                "[store]\nkind = \"s3\"\nregion = \"r\"\nbucket = \"bkt\"\nendpoint = \"ftp://x\"",
+                "store.endpoint",
+            ),
+            (
+                "[store]\nkind = \"s3\"\nregion = \"r\"\nbucket = \"bkt\"\naccess_key_id = \"a\"",
+                "go together",
+            ),
+            ("[store\n", "line 1"),
+            ("bogus = 1", "unknown field"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+        let err = Config::load(Path::new("/nonexistent/blockfleet.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/blockfleet.toml"));
+    }
+}

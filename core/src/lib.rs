@@ -1,0 +1,17 @@
+//! `blockfleet-core`: what every blockfleet service shares.
+//!
+//! - [`units`]: sector and chunk sizes, offset and range arithmetic with overflow and alignment checks.
+//! - [`ids`]: AWS-shaped volume, snapshot and instance ids, and KMS key ids.
+//! - [`crypto`]: AES-256-XTS over 4096-byte data units and the zeroizing key type.
+//! - [`snapshot`]: the snapshot format: content-addressed chunks, the MAC'd manifest, the manifest key.
+//! - [`store`]: the object-store trait with its local-directory and S3 backends.
+//! - [`config`]: the TOML configuration shared by the binary and the services.
+//! - [`fsutil`]: crash-safe file writes (temp file, fsync, rename, fsync directory).
+
+pub mod config;
+pub mod crypto;
+pub mod fsutil;
+pub mod ids;
+pub mod snapshot;
+pub mod store;
+pub mod units;

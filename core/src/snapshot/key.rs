@@ -1,0 +1,128 @@
+//! The manifest MAC key: 32 random bytes kept as hex in a file of mode 0600, created on first
+//! use. (A later step moves it into the KMS, wrapped; the file stays the single-node default.)
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use zeroize::{Zeroize, Zeroizing};
+
+use super::SnapshotError;
+use crate::fsutil::{create_dir_all_durable, sync_dir, temp_sibling};
+
+const KEY_LEN: usize = 32;
+
+/// The HMAC-SHA256 key that authenticates manifests. Zeroized on drop; never printed.
+pub struct ManifestKey([u8; KEY_LEN]);
+
+impl Drop for ManifestKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for ManifestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ManifestKey(<redacted>)")
+    }
+}
+
+impl ManifestKey {
+    pub fn generate() -> Self {
+        let mut k = [0u8; KEY_LEN];
+        getrandom::fill(&mut k).expect("the OS random source failed");
+        ManifestKey(k)
+    }
+
+    pub(crate) fn expose_secret(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// Loads the key file, creating it (mode 0600) if it does not exist. A file readable by
+    /// group or others, or not holding exactly one key, is refused.
+    pub fn load_or_create(path: &Path) -> Result<Self, SnapshotError> {
+        let err = |reason: String| SnapshotError::ManifestKey {
+            path: path.display().to_string(),
+            reason,
+        };
+        match fs::metadata(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                create_new(path, &Self::generate()).map_err(|e| err(format!("cannot create: {e}")))?;
+            }
+            Err(e) => return Err(err(e.to_string())),
+        }
+        let mode = fs::metadata(path).map_err(|e| err(e.to_string()))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "mode {:o} lets others read it; run chmod 600 on it",
+                mode & 0o777
+            )));
+        }
+        let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
+        let mut key = [0u8; KEY_LEN];
+        hex::decode_to_slice(text.trim_end(), &mut key).map_err(|_| {
+            err(format!("does not hold a key ({} hex digits expected)", KEY_LEN * 2))
+        })?;
+        Ok(ManifestKey(key))
+    }
+}
+
+/// Writes a new key file without ever replacing an existing one: two processes starting at
+/// once agree on one key (the loser of the link race reads the winner's).
+fn create_new(path: &Path, key: &ManifestKey) -> io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_dir_all_durable(dir)?;
+    }
+    let tmp = temp_sibling(path);
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let text = Zeroizing::new(hex::encode(key.0) + "\n");
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        match fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        }?;
+        sync_dir(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_with_mode_0600_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/manifest.key");
+        let a = ManifestKey::load_or_create(&p).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let b = ManifestKey::load_or_create(&p).unwrap();
+        assert_eq!(a.0, b.0);
+        assert_eq!(format!("{a:?}"), "ManifestKey(<redacted>)");
+        assert_eq!(fs::read_dir(p.parent().unwrap()).unwrap().count(), 1, "no temp left");
+    }
+
+    #[test]
+    fn wide_mode_and_garbage_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        ManifestKey::load_or_create(&p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = ManifestKey::load_or_create(&p).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&p, "abcd\n").unwrap();
+        let err = ManifestKey::load_or_create(&p).unwrap_err().to_string();
+        assert!(err.contains("does not hold a key"), "{err}");
+    }
+}

@@ -1,0 +1,148 @@
+//! Object stores: one async trait with a local-directory backend (the embedded default) and an S3
+//! backend. Keys are relative to the store's root (a directory, or a bucket and prefix) and
+//! are checked before they reach a path or a URL.
+//!
+//! Both backends make `put` atomic: a reader sees no object or the whole object, never part of it.
+
+mod local;
+mod s3;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use thiserror::Error;
+
+pub use local::LocalStore;
+pub use s3::S3Store;
+
+use crate::config::StoreConfig;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{store}: object {key:?} not found")]
+    NotFound { store: String, key: String },
+    #[error("invalid object key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+    #[error("{store}: bucket {bucket:?} does not exist")]
+    NoSuchBucket { store: String, bucket: String },
+    #[error("{store}: cannot reach the endpoint: {reason}")]
+    Unreachable { store: String, reason: String },
+    #[error("{store}: access denied ({reason})")]
+    AccessDenied { store: String, reason: String },
+    #[error("{store}: {op} {key:?} timed out")]
+    Timeout {
+        store: String,
+        op: &'static str,
+        key: String,
+    },
+    #[error("{store}: {op} {key:?}: {source}")]
+    Io {
+        store: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{store}: {op} {key:?} failed: {reason}")]
+    Backend {
+        store: String,
+        op: &'static str,
+        key: String,
+        reason: String,
+    },
+}
+
+impl StoreError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+/// An object store holding snapshot chunks and manifests.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + fmt::Debug {
+    /// Where the store is, for messages: `local:/path` or `s3://bucket/prefix`.
+    fn describe(&self) -> String;
+    /// Checks the store is reachable and its bucket or directory exists.
+    async fn check(&self) -> Result<(), StoreError>;
+    /// Writes an object whole, replacing any object of that key.
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
+    /// Reads a whole object; `NotFound` if there is none.
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+    /// The object's size, or `None` if there is none.
+    async fn head(&self, key: &str) -> Result<Option<u64>, StoreError>;
+    /// Keys beginning with `prefix`, sorted.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Removes an object; removing a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// Opens the store a config names and checks that it answers.
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let store: Arc<dyn ObjectStore> = match config {
+        StoreConfig::Local(c) => Arc::new(LocalStore::open(&c.path)?),
+        StoreConfig::S3(c) => Arc::new(S3Store::connect(c).await),
+    };
+    store.check().await?;
+    Ok(store)
+}
+
+const MAX_KEY_LEN: usize = 1024;
+
+fn valid_component(c: &str) -> bool {
+    !c.is_empty()
+        && !c.starts_with('.')
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks an object key: `/`-separated components of letters, digits, `.`, `_` and `-`, none
+/// empty and none starting with `.` (so no `..`, and the local store's temp names stay private).
+pub fn validate_key(key: &str) -> Result<(), StoreError> {
+    let reason = if key.is_empty() {
+        Some("empty")
+    } else if key.len() > MAX_KEY_LEN {
+        Some("longer than 1024 bytes")
+    } else if !key.split('/').all(valid_component) {
+        Some("components must be non-empty, not start with '.', and use only [A-Za-z0-9._-]")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(StoreError::InvalidKey {
+            key: key.chars().take(200).collect(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks a list prefix: empty, or a valid key optionally ending in `/`.
+pub fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
+    match prefix.strip_suffix('/').unwrap_or(prefix) {
+        "" if prefix.is_empty() => Ok(()),
+        p => validate_key(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        for good in ["a", "chunks/abc", "snapshots/snap-1/manifest", "a.b_c-d"] {
+            assert!(validate_key(good).is_ok(), "{good}");
+        }
+        for bad in ["", "/a", "a/", "a//b", "../x", "a/../b", ".tmp/x", "a b", "a\\b", "ä"] {
+            assert!(validate_key(bad).is_err(), "{bad}");
+        }
+        assert!(validate_key(&"a".repeat(1025)).is_err());
+        assert!(validate_prefix("").is_ok());
+        assert!(validate_prefix("snapshots/").is_ok());
+        assert!(validate_prefix("/").is_err());
+        assert!(validate_prefix("../").is_err());
+    }
+}

@@ -1,0 +1,13 @@
+//! `blockfleet-snapshot-service`: the snapshot side of the control plane.
+//!
+//! - [`image`]: import a raw disk image into the snapshot archive and export a snapshot back
+//!   to a raw image (parallel hashing and transfer, dedup, zero chunks skipped).
+//! - [`progress`]: the progress callback the CLI draws its bar from.
+//!
+//! The HTTP API, the `CreateSnapshots` coordinator and the EBS direct APIs come with their issues.
+
+pub mod image;
+pub mod progress;
+
+pub use image::{export_image, import_image, ExportOptions, ExportReport, ImageError, ImportOptions, ImportReport};
+pub use progress::{NoProgress, Progress};
