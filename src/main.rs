@@ -1,1 +1,72 @@
-fn main() {}
+//! The one `blockfleet` binary: the CLI for users and operators. Each service lives in its own
+//! library crate; this file parses flags, sets up logging, runs the command and turns an error
+//! into a one-line message and a non-zero exit code.
+
+mod cli;
+mod demo;
+mod output;
+mod snapshot_cmd;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use blockfleet_core::config::{Config, LocalStoreConfig, S3StoreConfig, StoreConfig};
+use clap::Parser;
+
+use cli::{Cli, Command, StoreFlags};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(&cli)?;
+    match cli.command {
+        Command::Snapshot(cmd) => snapshot_cmd::run(&config, cli.output, cmd).await,
+        Command::Demo { size_mib } => demo::run(&config, cli.output, size_mib).await,
+    }
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    apply_store_flags(&mut config, &cli.store);
+    config.validate().context("after applying command-line flags")?;
+    Ok(config)
+}
+
+fn apply_store_flags(config: &mut Config, flags: &StoreFlags) {
+    if let Some(dir) = &flags.store_dir {
+        config.store = StoreConfig::Local(LocalStoreConfig { path: dir.clone() });
+    }
+    if let Some(bucket) = &flags.s3_bucket {
+        let mut s3 = S3StoreConfig::new(flags.s3_endpoint.clone(), &flags.s3_region, bucket);
+        s3.prefix = flags.s3_prefix.clone();
+        // Path-style for custom endpoints (self-hosted stores need it), virtual-host for AWS.
+        s3.path_style = flags.s3_endpoint.is_some();
+        config.store = StoreConfig::S3(s3);
+    }
+}

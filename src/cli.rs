@@ -1,0 +1,90 @@
+//! Command-line arguments (clap). The same config struct serves the file and the flags: flags
+//! given here override what the file says.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "blockfleet", version, about = "Encrypted block volumes and crash-consistent snapshots")]
+pub struct Cli {
+    /// TOML config file (see config/single-node.toml); without it the embedded single-node
+    /// defaults apply: a local object store under ./blockfleet-data.
+    #[arg(long, short, global = true, env = "BLOCKFLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+
+    #[command(flatten)]
+    pub store: StoreFlags,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Store selection by flags, overriding the config file.
+#[derive(Debug, Args)]
+pub struct StoreFlags {
+    /// Use a local-directory object store at DIR.
+    #[arg(long, global = true, value_name = "DIR", conflicts_with = "s3_bucket")]
+    pub store_dir: Option<PathBuf>,
+    /// Use an S3 bucket (credentials from the config file or the AWS environment).
+    #[arg(long, global = true, value_name = "BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3 endpoint URL, for S3-compatible services (with --s3-bucket).
+    #[arg(long, global = true, value_name = "URL", requires = "s3_bucket")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (with --s3-bucket).
+    #[arg(long, global = true, default_value = "us-east-1", requires = "s3_bucket")]
+    pub s3_region: String,
+    /// Key prefix inside the bucket (with --s3-bucket).
+    #[arg(long, global = true, default_value = "", requires = "s3_bucket")]
+    pub s3_prefix: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Snapshots in the object store: import and export raw images, list, describe.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Round trip on the embedded default: generate an image, import it, export it, verify.
+    Demo {
+        /// Size of the generated image in MiB.
+        #[arg(long, default_value_t = 64)]
+        size_mib: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Import a raw disk image as a new snapshot; prints its id.
+    Import {
+        /// The raw image (a whole number of 4096-byte sectors).
+        image: PathBuf,
+        /// Parent snapshot: its chunks are not looked up or uploaded again.
+        #[arg(long)]
+        parent: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Restore a snapshot to a raw image file, bit-identical to what was imported.
+    Export {
+        snapshot_id: String,
+        out: PathBuf,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List snapshots.
+    Ls,
+    /// Describe one snapshot.
+    Show { snapshot_id: String },
+}

@@ -1,0 +1,179 @@
+//! `blockfleet snapshot import|export|ls|show`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use blockfleet_core::config::Config;
+use blockfleet_core::ids::SnapshotId;
+use blockfleet_core::snapshot::{Archive, Manifest, ManifestKey};
+use blockfleet_core::store;
+use blockfleet_snapshot_service::{export_image, import_image, ExportOptions, ImportOptions};
+use serde::Serialize;
+
+use crate::cli::{Output, SnapshotCommand};
+use crate::output::{emit, mb_per_s, Bar};
+
+/// Opens the configured store (proving it answers) and the manifest key.
+pub async fn open_archive(config: &Config) -> anyhow::Result<Archive> {
+    let store = store::open(&config.store).await?;
+    let key = ManifestKey::load_or_create(&config.snapshot.manifest_key_file)?;
+    Ok(Archive::new(store, Arc::new(key)))
+}
+
+fn parse_id(s: &str) -> anyhow::Result<SnapshotId> {
+    Ok(s.parse()?)
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    snapshot_id: String,
+    volume_size: u64,
+    stored_chunks: usize,
+    parent: Option<String>,
+    created_at: String,
+    description: String,
+    encryption: Option<serde_json::Value>,
+}
+
+impl From<&Manifest> for Summary {
+    fn from(m: &Manifest) -> Self {
+        Summary {
+            snapshot_id: m.snapshot_id.to_string(),
+            volume_size: m.volume_size,
+            stored_chunks: m.chunks.len(),
+            parent: m.parent.as_ref().map(ToString::to_string),
+            created_at: humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(m.created_at),
+            )
+            .to_string(),
+            description: m.description.clone(),
+            encryption: m.encryption.as_ref().map(|e| {
+                serde_json::json!({ "kms_key_id": e.kms_key_id.to_string(), "cipher": e.cipher })
+            }),
+        }
+    }
+}
+
+pub async fn run(config: &Config, output: Output, cmd: SnapshotCommand) -> anyhow::Result<()> {
+    // Parse ids before touching the store: bad input changes nothing.
+    match cmd {
+        SnapshotCommand::Import {
+            image,
+            parent,
+            description,
+        } => {
+            let parent = parent.as_deref().map(parse_id).transpose()?;
+            let archive = open_archive(config).await?;
+            let bar = Bar::new(output, "import");
+            let opts = ImportOptions {
+                parent,
+                description,
+                concurrency: config.snapshot.concurrency,
+            };
+            let report = import_image(&archive, &image, &opts, &bar).await;
+            bar.finish();
+            let r = report?;
+            let secs = r.elapsed.as_secs_f64();
+            let json = serde_json::json!({
+                "snapshot_id": r.snapshot_id.to_string(),
+                "volume_size": r.volume_size,
+                "chunks": r.chunks,
+                "zero_chunks": r.zero_chunks,
+                "uploaded_chunks": r.uploaded_chunks,
+                "deduplicated_chunks": r.deduplicated_chunks,
+                "seconds": secs,
+                "mb_per_s": mb_per_s(r.volume_size, secs),
+            });
+            if output == Output::Text {
+                eprintln!(
+                    "imported {} bytes in {secs:.2} s ({:.0} MB/s): {} chunks uploaded, {} already stored, {} zero",
+                    r.volume_size,
+                    mb_per_s(r.volume_size, secs),
+                    r.uploaded_chunks,
+                    r.deduplicated_chunks,
+                    r.zero_chunks
+                );
+            }
+            emit(output, &json, || r.snapshot_id.to_string())
+        }
+        SnapshotCommand::Export {
+            snapshot_id,
+            out,
+            force,
+        } => {
+            let id = parse_id(&snapshot_id)?;
+            let archive = open_archive(config).await?;
+            let bar = Bar::new(output, "export");
+            let opts = ExportOptions {
+                force,
+                concurrency: config.snapshot.concurrency,
+            };
+            let report = export_image(&archive, &id, &out, &opts, &bar).await;
+            bar.finish();
+            let r = report?;
+            let secs = r.elapsed.as_secs_f64();
+            let json = serde_json::json!({
+                "snapshot_id": id.to_string(),
+                "path": out.display().to_string(),
+                "volume_size": r.volume_size,
+                "chunks_written": r.chunks_written,
+                "seconds": secs,
+            });
+            emit(output, &json, || {
+                format!(
+                    "exported {id} to {} ({} bytes, {} chunks, {secs:.2} s)",
+                    out.display(),
+                    r.volume_size,
+                    r.chunks_written
+                )
+            })
+        }
+        SnapshotCommand::Ls => {
+            let archive = open_archive(config).await?;
+            let mut rows = Vec::new();
+            for id in archive.list_snapshots().await? {
+                // One unreadable manifest must not hide the others: show it with its error.
+                rows.push(match archive.get_manifest(&id).await {
+                    Ok(m) => serde_json::to_value(Summary::from(&m))?,
+                    Err(e) => serde_json::json!({ "snapshot_id": id.to_string(), "error": e.to_string() }),
+                });
+            }
+            emit(output, &rows, || {
+                let mut s = format!("{:<22} {:>14} {:>8}  {:<20} {:<22} {}", "SNAPSHOT", "SIZE", "CHUNKS", "CREATED", "PARENT", "DESCRIPTION");
+                for r in &rows {
+                    let f = |k: &str| r.get(k).map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+                    if let Some(err) = r.get("error") {
+                        s += &format!("\n{:<22} ERROR: {}", f("snapshot_id"), err.as_str().unwrap_or_default());
+                    } else {
+                        let parent = r.get("parent").and_then(|p| p.as_str()).unwrap_or("-");
+                        s += &format!("\n{:<22} {:>14} {:>8}  {:<20} {:<22} {}", f("snapshot_id"), f("volume_size"), f("stored_chunks"), f("created_at"), parent, f("description"));
+                    }
+                }
+                s
+            })
+        }
+        SnapshotCommand::Show { snapshot_id } => {
+            let id = parse_id(&snapshot_id)?;
+            let archive = open_archive(config).await?;
+            let m = archive
+                .get_manifest(&id)
+                .await
+                .with_context(|| format!("in {}", archive.store().describe()))?;
+            let summary = Summary::from(&m);
+            emit(output, &summary, || {
+                format!(
+                    "snapshot     {}\nvolume size  {} bytes\nchunks       {} stored of {} ({} bytes)\nparent       {}\ncreated      {}\ndescription  {}\nencryption   {}",
+                    summary.snapshot_id,
+                    m.volume_size,
+                    m.chunks.len(),
+                    m.chunk_slots(),
+                    m.stored_bytes(),
+                    summary.parent.as_deref().unwrap_or("-"),
+                    summary.created_at,
+                    summary.description,
+                    m.encryption.as_ref().map_or("none".to_owned(), |e| format!("{} under {}", e.cipher, e.kms_key_id)),
+                )
+            })
+        }
+    }
+}
