@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockfleet_core::fsutil::{sync_dir, temp_sibling};
@@ -103,6 +103,11 @@ enum Outcome {
     Deduplicated(ChunkHash),
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicked holder cannot leave a HashSet half-updated in a way that matters here.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn task_err(e: tokio::task::JoinError) -> ImageError {
     ImageError::Task(e.to_string())
 }
@@ -133,6 +138,8 @@ pub async fn import_image(
         path: path.to_path_buf(),
         source,
     })?;
+    // Hashes known to be stored or claimed by a task of this import: a chunk that repeats
+    // within the image is uploaded once even when its copies are in flight together.
     let known: HashSet<ChunkHash> = match &opts.parent {
         Some(parent) => archive.get_manifest(parent).await?.chunks.into_values().collect(),
         None => HashSet::new(),
@@ -142,7 +149,7 @@ pub async fn import_image(
     progress.start(size);
 
     let file = Arc::new(file);
-    let known = &known;
+    let claimed = &Mutex::new(known);
     let mut outcomes = futures::stream::iter(0..chunk_count(size))
         .map(|index| {
             let file = Arc::clone(&file);
@@ -169,7 +176,7 @@ pub async fn import_image(
                 })?;
                 let outcome = match read {
                     None => Outcome::Zero,
-                    Some((_, hash)) if known.contains(&hash) => Outcome::Deduplicated(hash),
+                    Some((_, hash)) if !lock(claimed).insert(hash) => Outcome::Deduplicated(hash),
                     Some((data, hash)) => {
                         if archive.has_chunk(&hash).await? {
                             Outcome::Deduplicated(hash)
