@@ -6,14 +6,21 @@
 //! --iv-large-sectors`.
 //!
 //! Implementation, chosen by `cargo bench --bench crypto` (docs/benchmarks.md): the RustCrypto
-//! `aes` block cipher, which picks AES-NI or VAES at run time, driven one whole data unit at a
-//! time. All 256 tweaks of a unit are computed first, then the unit is whitened, encrypted with
-//! one multi-block `encrypt_blocks` call (so the AES pipeline stays full) and whitened again.
-//! Encrypting one 16-byte block per call, as the `xts-mode` crate does, is several times slower.
+//! `aes` block cipher, which picks AES-NI, VAES-256 or VAES-512 at run time. The XTS layer runs
+//! inside the cipher's backend closure, so it is compiled with the same CPU features: tweaks are
+//! generated 64 at a time on eight independent lanes (vectorised), the batch is whitened, run
+//! through the backend's widest multi-block call and whitened again. Measured here: 115% of
+//! `openssl speed -evp aes-256-xts` on one core. The `xts-mode` crate (one block per call) is
+//! ~25x slower, and the `openssl` crate ~88% of the reference.
 
 use std::fmt;
 
-use aes::cipher::{BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
+use aes::cipher::consts::U16;
+use aes::cipher::typenum::Unsigned;
+use aes::cipher::{
+    BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt, BlockCipherEncBackend,
+    BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit,
+};
 use aes::{Aes256, Block};
 use thiserror::Error;
 use zeroize::Zeroize;
@@ -25,7 +32,6 @@ pub const DATA_UNIT: usize = SECTOR as usize;
 /// Bytes in an AES-256-XTS key: two distinct 256-bit halves.
 pub const XTS_KEY_LEN: usize = 64;
 const AES_BLOCK: usize = 16;
-const BLOCKS_PER_UNIT: usize = DATA_UNIT / AES_BLOCK;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CryptoError {
@@ -109,12 +115,6 @@ fn mul_alpha(t: u128) -> u128 {
     (t << 1) ^ u128::from(0x87 * carry)
 }
 
-#[inline(always)]
-fn xor_block(block: &mut Block, t: u128) {
-    let v = u128::from_le_bytes((*block).into()) ^ t;
-    *block = v.to_le_bytes().into();
-}
-
 impl Xts {
     pub fn new(key: &XtsKey) -> Self {
         let (k1, k2) = key.bytes.split_at(XTS_KEY_LEN / 2);
@@ -155,23 +155,124 @@ impl Xts {
         debug_assert!(unit.len() % AES_BLOCK == 0 && unit.len() <= DATA_UNIT);
         let mut t0 = Block::from(n.to_le_bytes());
         self.tweak.encrypt_block(&mut t0);
-        let mut t = u128::from_le_bytes(t0.into());
-
-        let (blocks, _) = Block::slice_as_chunks_mut(unit);
-        let mut tweaks = [0u128; BLOCKS_PER_UNIT];
-        for (block, slot) in blocks.iter_mut().zip(tweaks.iter_mut()) {
-            *slot = t;
-            xor_block(block, t);
-            t = mul_alpha(t);
-        }
+        let pass = Pass {
+            blocks: Block::slice_as_chunks_mut(unit).0,
+            t0: u128::from_le_bytes(t0.into()),
+        };
         if ENCRYPT {
-            self.data.encrypt_blocks(blocks);
+            self.data.encrypt_with_backend(pass);
         } else {
-            self.data.decrypt_blocks(blocks);
+            self.data.decrypt_with_backend(pass);
         }
-        for (block, t) in blocks.iter_mut().zip(tweaks.iter()) {
-            xor_block(block, *t);
+    }
+}
+
+/// One data unit's XTS pass, run inside the `aes` crate's backend closure: that way the
+/// whitening is compiled with the backend's CPU features (AES-NI, VAES, AVX-512) and feeds its
+/// widest batch of blocks.
+struct Pass<'a> {
+    blocks: &'a mut [Block],
+    /// The encrypted tweak of the unit's first block.
+    t0: u128,
+}
+
+impl BlockSizeUser for Pass<'_> {
+    type BlockSize = U16;
+}
+
+/// Blocks whitened per batch (1 KiB): small enough to stay in L1 with its tweaks.
+const BATCH: usize = 64;
+/// Independent tweak lanes: lane `l` of row `r` is tweak `8r + l`.
+const LANES: usize = 8;
+
+/// Multiplies a tweak, as (low, high) 64-bit halves, by alpha^8: the byte shifted out of the
+/// top folds back in times x^128 = x^7 + x^2 + x + 1 (at most 15 bits, so no second reduction).
+#[inline(always)]
+fn mul_alpha8(lo: u64, hi: u64) -> (u64, u64) {
+    let c = hi >> 56;
+    ((lo << 8) ^ c ^ (c << 1) ^ (c << 2) ^ (c << 7), (hi << 8) | (lo >> 56))
+}
+
+/// Writes the tweaks t, t*alpha, ..., t*alpha^63 as little-endian blocks into `out` and returns
+/// t*alpha^64. Each row of eight comes from the row before by one alpha^8 step on eight
+/// independent lanes, which the compiler vectorises; a serial chain of 64 alpha steps would
+/// bound the whole cipher.
+#[inline(always)]
+fn batch_tweaks(t: u128, out: &mut [u8; BATCH * AES_BLOCK]) -> u128 {
+    let mut lo = [0u64; BATCH];
+    let mut hi = [0u64; BATCH];
+    let mut s = t;
+    for (l, h) in lo.iter_mut().zip(hi.iter_mut()).take(LANES) {
+        (*l, *h) = (s as u64, (s >> 64) as u64);
+        s = mul_alpha(s);
+    }
+    for r in 1..BATCH / LANES {
+        let (done_lo, next_lo) = lo.split_at_mut(r * LANES);
+        let (done_hi, next_hi) = hi.split_at_mut(r * LANES);
+        let (prev_lo, prev_hi) = (&done_lo[(r - 1) * LANES..], &done_hi[(r - 1) * LANES..]);
+        for l in 0..LANES {
+            (next_lo[l], next_hi[l]) = mul_alpha8(prev_lo[l], prev_hi[l]);
         }
+    }
+    for (i, w) in out.chunks_exact_mut(AES_BLOCK).enumerate() {
+        w[..8].copy_from_slice(&lo[i].to_le_bytes());
+        w[8..].copy_from_slice(&hi[i].to_le_bytes());
+    }
+    let (l, h) = mul_alpha8(lo[BATCH - LANES], hi[BATCH - LANES]);
+    u128::from(l) | (u128::from(h) << 64)
+}
+
+#[inline(always)]
+fn xor_tweaks(blocks: &mut [Block], tweaks: &[u8]) {
+    for (b, w) in blocks.iter_mut().zip(tweaks.chunks_exact(AES_BLOCK)) {
+        for (x, y) in b.iter_mut().zip(w) {
+            *x ^= *y;
+        }
+    }
+}
+
+/// Whitens a batch, runs the cipher over it in the backend's widest pieces, whitens it again.
+#[inline(always)]
+fn whitened_batches(blocks: &mut [Block], t0: u128, mut cipher: impl FnMut(&mut [Block])) {
+    let mut t = t0;
+    let mut tweaks = [0u8; BATCH * AES_BLOCK];
+    for batch in blocks.chunks_mut(BATCH) {
+        t = batch_tweaks(t, &mut tweaks);
+        xor_tweaks(batch, &tweaks);
+        cipher(batch);
+        xor_tweaks(batch, &tweaks);
+    }
+}
+
+impl BlockCipherEncClosure for Pass<'_> {
+    #[inline(always)]
+    fn call<B: BlockCipherEncBackend<BlockSize = U16>>(self, backend: &B) {
+        let par = B::ParBlocksSize::USIZE;
+        whitened_batches(self.blocks, self.t0, |batch| {
+            for piece in batch.chunks_mut(par) {
+                if piece.len() == par {
+                    backend.encrypt_par_blocks_inplace(piece.try_into().expect("a full piece"));
+                } else {
+                    backend.encrypt_tail_blocks_inplace(piece);
+                }
+            }
+        });
+    }
+}
+
+impl BlockCipherDecClosure for Pass<'_> {
+    #[inline(always)]
+    fn call<B: BlockCipherDecBackend<BlockSize = U16>>(self, backend: &B) {
+        let par = B::ParBlocksSize::USIZE;
+        whitened_batches(self.blocks, self.t0, |batch| {
+            for piece in batch.chunks_mut(par) {
+                if piece.len() == par {
+                    backend.decrypt_par_blocks_inplace(piece.try_into().expect("a full piece"));
+                } else {
+                    backend.decrypt_tail_blocks_inplace(piece);
+                }
+            }
+        });
     }
 }
 
@@ -286,6 +387,16 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn alpha8_is_eight_alphas(t: u128) {
+            let mut slow = t;
+            for _ in 0..8 {
+                slow = mul_alpha(slow);
+            }
+            let (lo, hi) = mul_alpha8(t as u64, (t >> 64) as u64);
+            prop_assert_eq!(u128::from(lo) | (u128::from(hi) << 64), slow);
+        }
+
         #[test]
         fn round_trip(units in 1usize..5, first in any::<u64>().prop_map(|u| u >> 4), fill in any::<u8>()) {
             let xts = Xts::new(&XtsKey::generate());
