@@ -13,7 +13,9 @@ use std::time::Instant;
 use blockfleet_core::config::{S3StoreConfig, Secret, StoreConfig};
 use blockfleet_core::snapshot::{Archive, ManifestKey};
 use blockfleet_core::store::{self, LocalStore, ObjectStore};
-use blockfleet_snapshot_service::{export_image, import_image, ExportOptions, ImportOptions, NoProgress};
+use blockfleet_snapshot_service::{
+    export_image, import_image, ExportOptions, ImportOptions, NoProgress,
+};
 
 fn report(name: &str, label: &str, bytes: u64, secs: f64) {
     let mbps = bytes as f64 / secs / 1e6;
@@ -44,16 +46,32 @@ fn write_image(path: &Path, size: u64) {
     f.into_inner().expect("flush").sync_all().expect("sync");
 }
 
-async fn import_export(label: &str, name: &str, store: Arc<dyn ObjectStore>, image: &Path, size: u64, out: &Path) {
+async fn import_export(
+    label: &str,
+    name: &str,
+    store: Arc<dyn ObjectStore>,
+    image: &Path,
+    size: u64,
+    out: &Path,
+) {
     let archive = Archive::new(store, Arc::new(ManifestKey::generate()));
     let opts = ImportOptions {
         parent: None,
         description: String::new(),
         concurrency: 8,
     };
-    let r = import_image(&archive, image, &opts, &NoProgress).await.expect("import");
-    report(&format!("import_{name}"), &format!("snapshot import ({label})"), size, r.elapsed.as_secs_f64());
-    let again = import_image(&archive, image, &opts, &NoProgress).await.expect("re-import");
+    let r = import_image(&archive, image, &opts, &NoProgress)
+        .await
+        .expect("import");
+    report(
+        &format!("import_{name}"),
+        &format!("snapshot import ({label})"),
+        size,
+        r.elapsed.as_secs_f64(),
+    );
+    let again = import_image(&archive, image, &opts, &NoProgress)
+        .await
+        .expect("re-import");
     assert_eq!(again.uploaded_chunks, 0);
     report(
         &format!("reimport_dedup_{name}"),
@@ -61,10 +79,24 @@ async fn import_export(label: &str, name: &str, store: Arc<dyn ObjectStore>, ima
         size,
         again.elapsed.as_secs_f64(),
     );
-    let e = export_image(&archive, &r.snapshot_id, out, &ExportOptions { force: true, concurrency: 8 }, &NoProgress)
-        .await
-        .expect("export");
-    report(&format!("export_{name}"), &format!("snapshot export ({label})"), size, e.elapsed.as_secs_f64());
+    let e = export_image(
+        &archive,
+        &r.snapshot_id,
+        out,
+        &ExportOptions {
+            force: true,
+            concurrency: 8,
+        },
+        &NoProgress,
+    )
+    .await
+    .expect("export");
+    report(
+        &format!("export_{name}"),
+        &format!("snapshot export ({label})"),
+        size,
+        e.elapsed.as_secs_f64(),
+    );
     std::fs::remove_file(out).expect("remove export");
 }
 
@@ -73,7 +105,10 @@ fn main() {
         println!("import bench: run with `cargo bench --bench import`");
         return;
     }
-    let mib: u64 = std::env::var("BENCH_IMAGE_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let mib: u64 = std::env::var("BENCH_IMAGE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let size = mib << 20;
     // Beside the build, on the same disk as a user's images would likely be.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
@@ -83,15 +118,32 @@ fn main() {
     println!("image: {mib} MiB of random data (every chunk stored), concurrency 8, 2 cores");
 
     let secs = time_command(Command::new("cp").arg(&image).arg(&out));
-    report(&format!("cp_{mib}m"), "cp (page cache, no fsync)", size, secs);
+    report(
+        &format!("cp_{mib}m"),
+        "cp (page cache, no fsync)",
+        size,
+        secs,
+    );
     std::fs::remove_file(&out).expect("rm");
-    let secs = time_command(Command::new("sha256sum").arg(&image).stdout(std::process::Stdio::null()));
+    let secs = time_command(
+        Command::new("sha256sum")
+            .arg(&image)
+            .stdout(std::process::Stdio::null()),
+    );
     report(&format!("sha256sum_{mib}m"), "sha256sum", size, secs);
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let local = Arc::new(LocalStore::open(&dir.path().join("objects")).expect("local store"));
-        import_export("local store", &format!("local_{mib}m"), local, &image, size, &out).await;
+        import_export(
+            "local store",
+            &format!("local_{mib}m"),
+            local,
+            &image,
+            size,
+            &out,
+        )
+        .await;
 
         match blockfleet_testkit::garage_binary() {
             None => println!("S3 (Garage): skipped, garage not installed"),
@@ -100,8 +152,18 @@ fn main() {
                 let mut c = S3StoreConfig::new(Some(g.endpoint.clone()), &g.region, &g.bucket);
                 c.access_key_id = Some(g.access_key.clone());
                 c.secret_access_key = Some(Secret::new(g.secret_key.clone()));
-                let s3 = store::open(&StoreConfig::S3(c)).await.expect("garage store");
-                import_export("Garage S3 on loopback", &format!("s3_{mib}m"), s3, &image, size, &out).await;
+                let s3 = store::open(&StoreConfig::S3(c))
+                    .await
+                    .expect("garage store");
+                import_export(
+                    "Garage S3 on loopback",
+                    &format!("s3_{mib}m"),
+                    s3,
+                    &image,
+                    size,
+                    &out,
+                )
+                .await;
             }
         }
     });

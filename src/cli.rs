@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "blockfleet", version, about = "Encrypted block volumes and crash-consistent snapshots")]
+#[command(
+    name = "blockfleet",
+    version,
+    about = "Encrypted block volumes and crash-consistent snapshots"
+)]
 pub struct Cli {
     /// TOML config file (see config/single-node.toml); without it the embedded single-node
     /// defaults apply: a local object store under ./blockfleet-data.
@@ -43,7 +47,12 @@ pub struct StoreFlags {
     #[arg(long, global = true, value_name = "URL", requires = "s3_bucket")]
     pub s3_endpoint: Option<String>,
     /// S3 region (with --s3-bucket).
-    #[arg(long, global = true, default_value = "us-east-1", requires = "s3_bucket")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "us-east-1",
+        requires = "s3_bucket"
+    )]
     pub s3_region: String,
     /// Key prefix inside the bucket (with --s3-bucket).
     #[arg(long, global = true, default_value = "", requires = "s3_bucket")]

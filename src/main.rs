@@ -54,7 +54,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         None => Config::default(),
     };
     apply_store_flags(&mut config, &cli.store);
-    config.validate().context("after applying command-line flags")?;
+    config
+        .validate()
+        .context("after applying command-line flags")?;
     Ok(config)
 }
 

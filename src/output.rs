@@ -44,7 +44,11 @@ impl Progress for Bar {
 }
 
 /// Prints `value` as one JSON document, or `text` for people.
-pub fn emit<T: Serialize>(output: Output, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+pub fn emit<T: Serialize>(
+    output: Output,
+    value: &T,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
         Output::Text => println!("{}", text()),

@@ -135,18 +135,43 @@ pub async fn run(config: &Config, output: Output, cmd: SnapshotCommand) -> anyho
                 // One unreadable manifest must not hide the others: show it with its error.
                 rows.push(match archive.get_manifest(&id).await {
                     Ok(m) => serde_json::to_value(Summary::from(&m))?,
-                    Err(e) => serde_json::json!({ "snapshot_id": id.to_string(), "error": e.to_string() }),
+                    Err(e) => {
+                        serde_json::json!({ "snapshot_id": id.to_string(), "error": e.to_string() })
+                    }
                 });
             }
             emit(output, &rows, || {
-                let mut s = format!("{:<22} {:>14} {:>8}  {:<20} {:<22} {}", "SNAPSHOT", "SIZE", "CHUNKS", "CREATED", "PARENT", "DESCRIPTION");
+                let mut s = format!(
+                    "{:<22} {:>14} {:>8}  {:<20} {:<22} {}",
+                    "SNAPSHOT", "SIZE", "CHUNKS", "CREATED", "PARENT", "DESCRIPTION"
+                );
                 for r in &rows {
-                    let f = |k: &str| r.get(k).map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())).unwrap_or_default();
+                    let f = |k: &str| {
+                        r.get(k)
+                            .map(|v| {
+                                v.as_str()
+                                    .map(str::to_owned)
+                                    .unwrap_or_else(|| v.to_string())
+                            })
+                            .unwrap_or_default()
+                    };
                     if let Some(err) = r.get("error") {
-                        s += &format!("\n{:<22} ERROR: {}", f("snapshot_id"), err.as_str().unwrap_or_default());
+                        s += &format!(
+                            "\n{:<22} ERROR: {}",
+                            f("snapshot_id"),
+                            err.as_str().unwrap_or_default()
+                        );
                     } else {
                         let parent = r.get("parent").and_then(|p| p.as_str()).unwrap_or("-");
-                        s += &format!("\n{:<22} {:>14} {:>8}  {:<20} {:<22} {}", f("snapshot_id"), f("volume_size"), f("stored_chunks"), f("created_at"), parent, f("description"));
+                        s += &format!(
+                            "\n{:<22} {:>14} {:>8}  {:<20} {:<22} {}",
+                            f("snapshot_id"),
+                            f("volume_size"),
+                            f("stored_chunks"),
+                            f("created_at"),
+                            parent,
+                            f("description")
+                        );
                     }
                 }
                 s

@@ -1,6 +1,8 @@
 //! End-to-end tests of the `blockfleet` binary: real processes, a real local store, and a real
 //! Garage S3 server on 127.0.0.1.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -41,7 +43,11 @@ impl Env {
         let mut a = args.to_vec();
         a.extend(["--output", "json"]);
         let out = self.run(&a);
-        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -49,7 +55,11 @@ impl Env {
     fn fails(&self, args: &[&str], want: &[&str]) -> String {
         let out = self.run(args);
         let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        assert!(!out.status.success(), "{args:?} succeeded; stdout {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded; stdout {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
         for w in want {
             assert!(err.contains(w), "{args:?}: {err:?} lacks {w:?}");
@@ -60,7 +70,9 @@ impl Env {
     fn manifests(&self) -> Vec<String> {
         let dir = self.path("blockfleet-data/objects/snapshots");
         match fs::read_dir(dir) {
-            Ok(d) => d.map(|e| e.unwrap().file_name().into_string().unwrap()).collect(),
+            Ok(d) => d
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect(),
             Err(_) => vec![],
         }
     }
@@ -108,8 +120,15 @@ fn import_export_round_trip_with_dedup_zeros_and_parent() {
     assert_eq!(r["deduplicated_chunks"], 1);
 
     let out = env.run(&["snapshot", "export", &id, "out.raw"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(fs::read(env.path("out.raw")).unwrap() == data, "export differs from the image");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        fs::read(env.path("out.raw")).unwrap() == data,
+        "export differs from the image"
+    );
 
     // Text mode prints the id alone on stdout, for scripts.
     let out = env.run(&["snapshot", "import", "disk.raw"]);
@@ -146,17 +165,38 @@ fn import_export_round_trip_with_dedup_zeros_and_parent() {
 #[test]
 fn bad_images_are_refused_and_leave_no_snapshot() {
     let env = Env::new();
-    env.fails(&["snapshot", "import", "missing.raw"], &["missing.raw", "No such file"]);
+    env.fails(
+        &["snapshot", "import", "missing.raw"],
+        &["missing.raw", "No such file"],
+    );
     fs::write(env.path("odd.raw"), vec![1u8; 4096 * 3 + 512]).unwrap();
-    env.fails(&["snapshot", "import", "odd.raw"], &["odd.raw", "not a multiple of 4096"]);
+    env.fails(
+        &["snapshot", "import", "odd.raw"],
+        &["odd.raw", "not a multiple of 4096"],
+    );
     fs::write(env.path("empty.raw"), b"").unwrap();
-    env.fails(&["snapshot", "import", "empty.raw"], &["empty.raw", "greater than zero"]);
+    env.fails(
+        &["snapshot", "import", "empty.raw"],
+        &["empty.raw", "greater than zero"],
+    );
     fs::create_dir(env.path("adir")).unwrap();
-    env.fails(&["snapshot", "import", "adir"], &["adir", "not a regular file"]);
-    env.fails(&["snapshot", "import", "x.raw", "--parent", "snap-nope"], &["invalid snapshot id"]);
+    env.fails(
+        &["snapshot", "import", "adir"],
+        &["adir", "not a regular file"],
+    );
+    env.fails(
+        &["snapshot", "import", "x.raw", "--parent", "snap-nope"],
+        &["invalid snapshot id"],
+    );
     make_image(&env.path("ok.raw"), 2, 0, 1);
     env.fails(
-        &["snapshot", "import", "ok.raw", "--parent", "snap-0123456789abcdef0"],
+        &[
+            "snapshot",
+            "import",
+            "ok.raw",
+            "--parent",
+            "snap-0123456789abcdef0",
+        ],
         &["snap-0123456789abcdef0", "does not exist"],
     );
     assert!(env.manifests().is_empty());
@@ -171,9 +211,18 @@ fn bad_images_are_refused_and_leave_no_snapshot() {
 #[test]
 fn unknown_or_malformed_snapshot_ids() {
     let env = Env::new();
-    env.fails(&["snapshot", "show", "snap-0123456789abcdef0"], &["snap-0123456789abcdef0", "does not exist"]);
-    env.fails(&["snapshot", "export", "snap-0123456789abcdef0", "o.raw"], &["does not exist"]);
-    env.fails(&["snapshot", "export", "vol-0123456789abcdef0", "o.raw"], &["invalid snapshot id"]);
+    env.fails(
+        &["snapshot", "show", "snap-0123456789abcdef0"],
+        &["snap-0123456789abcdef0", "does not exist"],
+    );
+    env.fails(
+        &["snapshot", "export", "snap-0123456789abcdef0", "o.raw"],
+        &["does not exist"],
+    );
+    env.fails(
+        &["snapshot", "export", "vol-0123456789abcdef0", "o.raw"],
+        &["invalid snapshot id"],
+    );
     env.fails(&["snapshot", "show", "../../etc"], &["invalid snapshot id"]);
     assert!(!env.path("o.raw").exists());
 }
@@ -182,19 +231,36 @@ fn unknown_or_malformed_snapshot_ids() {
 fn corrupt_chunks_and_manifests_are_errors_never_data() {
     let env = Env::new();
     make_image(&env.path("d.raw"), 4, 0, 7);
-    let id = env.json(&["snapshot", "import", "d.raw"])["snapshot_id"].as_str().unwrap().to_owned();
+    let id = env.json(&["snapshot", "import", "d.raw"])["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // Flip one byte of one stored chunk.
     let chunks = env.path("blockfleet-data/objects/chunks");
-    let victim = fs::read_dir(&chunks).unwrap().next().unwrap().unwrap().path();
+    let victim = fs::read_dir(&chunks)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let original = fs::read(&victim).unwrap();
     let mut bad = original.clone();
     bad[1000] ^= 1;
     fs::write(&victim, &bad).unwrap();
     let name = victim.file_name().unwrap().to_str().unwrap().to_owned();
-    env.fails(&["snapshot", "export", &id, "o.raw"], &["corrupt", &name, &id]);
-    assert!(!env.path("o.raw").exists(), "a failed export leaves no file");
-    let leftovers: Vec<_> = fs::read_dir(env.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    env.fails(
+        &["snapshot", "export", &id, "o.raw"],
+        &["corrupt", &name, &id],
+    );
+    assert!(
+        !env.path("o.raw").exists(),
+        "a failed export leaves no file"
+    );
+    let leftovers: Vec<_> = fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(leftovers.len(), 2, "no temp file left: {leftovers:?}");
     fs::write(&victim, &original).unwrap();
 
@@ -205,7 +271,10 @@ fn corrupt_chunks_and_manifests_are_errors_never_data() {
     let n = tampered.len();
     tampered[n - 40] ^= 0x80;
     fs::write(&manifest, &tampered).unwrap();
-    env.fails(&["snapshot", "export", &id, "o.raw"], &["fails authentication", &id]);
+    env.fails(
+        &["snapshot", "export", &id, "o.raw"],
+        &["fails authentication", &id],
+    );
     fs::write(&manifest, &good[..good.len() / 2]).unwrap();
     env.fails(&["snapshot", "show", &id], &[&id]);
     fs::write(&manifest, b"garbage").unwrap();
@@ -224,9 +293,15 @@ fn corrupt_chunks_and_manifests_are_errors_never_data() {
 fn export_does_not_clobber_without_force() {
     let env = Env::new();
     let data = make_image(&env.path("d.raw"), 2, 4096, 9);
-    let id = env.json(&["snapshot", "import", "d.raw"])["snapshot_id"].as_str().unwrap().to_owned();
+    let id = env.json(&["snapshot", "import", "d.raw"])["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     fs::write(env.path("o.raw"), b"precious").unwrap();
-    env.fails(&["snapshot", "export", &id, "o.raw"], &["already exists", "--force"]);
+    env.fails(
+        &["snapshot", "export", &id, "o.raw"],
+        &["already exists", "--force"],
+    );
     assert_eq!(fs::read(env.path("o.raw")).unwrap(), b"precious");
     let out = env.run(&["snapshot", "export", &id, "o.raw", "--force"]);
     assert!(out.status.success());
@@ -237,12 +312,26 @@ fn export_does_not_clobber_without_force() {
 fn bad_configs_are_refused() {
     let env = Env::new();
     env.fails(&["--config", "nope.toml", "snapshot", "ls"], &["nope.toml"]);
-    fs::write(env.path("bad.toml"), "[store]\nkind = \"local\"\npath = \"x\"\ncolour = \"red\"\n").unwrap();
-    env.fails(&["--config", "bad.toml", "snapshot", "ls"], &["bad.toml", "unknown field", "colour"]);
+    fs::write(
+        env.path("bad.toml"),
+        "[store]\nkind = \"local\"\npath = \"x\"\ncolour = \"red\"\n",
+    )
+    .unwrap();
+    env.fails(
+        &["--config", "bad.toml", "snapshot", "ls"],
+        &["bad.toml", "unknown field", "colour"],
+    );
     fs::write(env.path("bad2.toml"), "[snapshot]\nconcurrency = 100000\n").unwrap();
-    env.fails(&["--config", "bad2.toml", "snapshot", "ls"], &["snapshot.concurrency"]);
+    env.fails(
+        &["--config", "bad2.toml", "snapshot", "ls"],
+        &["snapshot.concurrency"],
+    );
     // A key file others can read is refused.
-    fs::write(env.path("key.toml"), "[snapshot]\nmanifest_key_file = \"k\"\n").unwrap();
+    fs::write(
+        env.path("key.toml"),
+        "[snapshot]\nmanifest_key_file = \"k\"\n",
+    )
+    .unwrap();
     fs::write(env.path("k"), "00".repeat(32)).unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(env.path("k"), fs::Permissions::from_mode(0o644)).unwrap();
@@ -273,15 +362,28 @@ fn s3_round_trip_and_errors_against_garage() {
     let id = r["snapshot_id"].as_str().unwrap().to_owned();
     assert_eq!(r["uploaded_chunks"], 5);
     let out = env.run(&["--config", &cfg, "snapshot", "export", &id, "o.raw"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(fs::read(env.path("o.raw")).unwrap() == data);
     let ls = env.json(&["--config", &cfg, "snapshot", "ls"]);
     assert_eq!(ls[0]["snapshot_id"], id.as_str());
-    assert!(!env.path("blockfleet-data/objects").exists(), "nothing went to the local store");
+    assert!(
+        !env.path("blockfleet-data/objects").exists(),
+        "nothing went to the local store"
+    );
 
     let cfg = s3_config(&env, &g, "missing-bucket", &g.endpoint);
-    env.fails(&["--config", &cfg, "snapshot", "import", "d.raw"], &["missing-bucket", "does not exist"]);
+    env.fails(
+        &["--config", &cfg, "snapshot", "import", "d.raw"],
+        &["missing-bucket", "does not exist"],
+    );
     let dead = format!("http://127.0.0.1:{}", blockfleet_testkit::free_port());
     let cfg = s3_config(&env, &g, &g.bucket, &dead);
-    env.fails(&["--config", &cfg, "snapshot", "ls"], &["cannot reach the endpoint"]);
+    env.fails(
+        &["--config", &cfg, "snapshot", "ls"],
+        &["cannot reach the endpoint"],
+    );
 }

@@ -284,7 +284,9 @@ mod tests {
     #[test]
     fn shipped_configs_parse() {
         for name in ["single-node.toml", "s3-example.toml"] {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config").join(name);
+            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../config")
+                .join(name);
             Config::load(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
@@ -322,9 +324,15 @@ mod tests {
     fn bad_configs_name_the_problem() {
         let cases = [
             ("[store]\nkind = \"ftp\"", "unknown variant"),
-            ("[store]\nkind = \"local\"\npath = \"x\"\nspeed = 3", "unknown field"),
+            (
+                "[store]\nkind = \"local\"\npath = \"x\"\nspeed = 3",
+                "unknown field",
+            ),
             ("[snapshot]\nconcurrency = 0", "snapshot.concurrency"),
-            ("[store]\nkind = \"s3\"\nregion = \"r\"\nbucket = \"B!\"", "store.bucket"),
+            (
+                "[store]\nkind = \"s3\"\nregion = \"r\"\nbucket = \"B!\"",
+                "store.bucket",
+            ),
             (
                 "[store]\nkind = \"s3\"\nregion = \"r\"\nbucket = \"bkt\"\nendpoint = \"ftp://x\"",
                 "store.endpoint",

@@ -134,13 +134,20 @@ impl Xts {
         self.apply::<false>(buf, first_unit)
     }
 
-    fn apply<const ENCRYPT: bool>(&self, buf: &mut [u8], first_unit: u64) -> Result<(), CryptoError> {
+    fn apply<const ENCRYPT: bool>(
+        &self,
+        buf: &mut [u8],
+        first_unit: u64,
+    ) -> Result<(), CryptoError> {
         if buf.len() % DATA_UNIT != 0 {
             return Err(CryptoError::Unaligned { len: buf.len() });
         }
         let count = (buf.len() / DATA_UNIT) as u64;
         if count > 0 && first_unit.checked_add(count - 1).is_none() {
-            return Err(CryptoError::UnitOverflow { first: first_unit, count });
+            return Err(CryptoError::UnitOverflow {
+                first: first_unit,
+                count,
+            });
         }
         for (i, unit) in buf.chunks_exact_mut(DATA_UNIT).enumerate() {
             self.unit::<ENCRYPT>(unit, u128::from(first_unit + i as u64));
@@ -190,7 +197,10 @@ const LANES: usize = 8;
 #[inline(always)]
 fn mul_alpha8(lo: u64, hi: u64) -> (u64, u64) {
     let c = hi >> 56;
-    ((lo << 8) ^ c ^ (c << 1) ^ (c << 2) ^ (c << 7), (hi << 8) | (lo >> 56))
+    (
+        (lo << 8) ^ c ^ (c << 1) ^ (c << 2) ^ (c << 7),
+        (hi << 8) | (lo >> 56),
+    )
 }
 
 /// Writes the tweaks t, t*alpha, ..., t*alpha^63 as little-endian blocks into `out` and returns
@@ -292,7 +302,10 @@ mod tests {
         let text = include_str!("../tests/data/ieee1619_xts_aes256.txt");
         let plaintext: Vec<u8> = (0..512).map(|i| i as u8).collect();
         let mut seen = 0;
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let f: Vec<&str> = line.split(' ').collect();
             let unit = u128::from_str_radix(f[1], 16).unwrap();
             let key = XtsKey::from_bytes(&hex::decode(f[2]).unwrap()).unwrap();

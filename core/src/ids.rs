@@ -30,12 +30,12 @@ fn parse_prefixed(
     expected: &'static str,
     input: &str,
 ) -> Result<String, IdError> {
-    let ok = input
-        .strip_prefix(prefix)
-        .is_some_and(|rest| {
-            rest.len() == ID_HEX_DIGITS
-                && rest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        });
+    let ok = input.strip_prefix(prefix).is_some_and(|rest| {
+        rest.len() == ID_HEX_DIGITS
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
     if ok {
         Ok(input.to_owned())
     } else {

@@ -1,6 +1,8 @@
 //! One behavioural suite for every object-store backend: the local directory and S3 against a
 //! real Garage server started on 127.0.0.1. Then the snapshot archive's verification on top.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
+
 use std::sync::Arc;
 
 use blockfleet_core::config::{S3StoreConfig, Secret, StoreConfig};
@@ -38,7 +40,10 @@ async fn suite(s: Arc<dyn ObjectStore>) {
     }
     assert_eq!(s.list("p/").await.unwrap(), vec!["p/x/1", "p/x/2", "p/y"]);
     assert_eq!(s.list("p/x/").await.unwrap(), vec!["p/x/1", "p/x/2"]);
-    assert_eq!(s.list("p").await.unwrap(), vec!["p/x/1", "p/x/2", "p/y", "pq"]);
+    assert_eq!(
+        s.list("p").await.unwrap(),
+        vec!["p/x/1", "p/x/2", "p/y", "pq"]
+    );
     assert_eq!(s.list("zzz/").await.unwrap(), Vec::<String>::new());
     assert_eq!(s.list("").await.unwrap().len(), 8);
 
@@ -49,17 +54,40 @@ async fn suite(s: Arc<dyn ObjectStore>) {
     assert_eq!(s.list("p/").await.unwrap(), vec!["p/x/1", "p/x/2"]);
 
     // Bad keys are refused before anything is touched.
-    for bad in ["", "../escape", "a/../b", "/abs", ".tmp/x", "a//b", "sp ace"] {
-        assert!(matches!(s.put(bad, Bytes::from_static(b"x")).await, Err(StoreError::InvalidKey { .. })), "{bad}");
-        assert!(matches!(s.get(bad).await, Err(StoreError::InvalidKey { .. })), "{bad}");
+    for bad in [
+        "",
+        "../escape",
+        "a/../b",
+        "/abs",
+        ".tmp/x",
+        "a//b",
+        "sp ace",
+    ] {
+        assert!(
+            matches!(
+                s.put(bad, Bytes::from_static(b"x")).await,
+                Err(StoreError::InvalidKey { .. })
+            ),
+            "{bad}"
+        );
+        assert!(
+            matches!(s.get(bad).await, Err(StoreError::InvalidKey { .. })),
+            "{bad}"
+        );
     }
-    assert!(matches!(s.list("../").await, Err(StoreError::InvalidKey { .. })));
+    assert!(matches!(
+        s.list("../").await,
+        Err(StoreError::InvalidKey { .. })
+    ));
     assert_eq!(s.list("").await.unwrap().len(), 7);
 
     // Concurrent puts of distinct keys all land.
     let futs = (0..32u8).map(|i| {
         let s = Arc::clone(&s);
-        async move { s.put(&format!("conc/{i:02}"), Bytes::from(vec![i; 1000])).await }
+        async move {
+            s.put(&format!("conc/{i:02}"), Bytes::from(vec![i; 1000]))
+                .await
+        }
     });
     futures::future::try_join_all(futs).await.unwrap();
     assert_eq!(s.list("conc/").await.unwrap().len(), 32);
@@ -86,8 +114,14 @@ async fn archive_suite(store: Arc<dyn ObjectStore>) {
     let err = archive.get_chunk(&hash).await.unwrap_err();
     assert!(matches!(err, SnapshotError::CorruptChunk { .. }), "{err}");
     assert!(err.to_string().contains(&hash.to_string()), "{err}");
-    store.put(&hash.key(), Bytes::from_static(b"short")).await.unwrap();
-    assert!(matches!(archive.get_chunk(&hash).await.unwrap_err(), SnapshotError::ChunkLength { .. }));
+    store
+        .put(&hash.key(), Bytes::from_static(b"short"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        archive.get_chunk(&hash).await.unwrap_err(),
+        SnapshotError::ChunkLength { .. }
+    ));
 
     // Manifests round-trip, list, and refuse tampering.
     let id = SnapshotId::generate();
@@ -108,17 +142,28 @@ async fn archive_suite(store: Arc<dyn ObjectStore>) {
     let n = raw.len();
     raw[n - 50] ^= 0x10;
     store.put(&key, Bytes::from(raw)).await.unwrap();
-    assert!(matches!(archive.get_manifest(&id).await.unwrap_err(), SnapshotError::ManifestMac { .. }));
+    assert!(matches!(
+        archive.get_manifest(&id).await.unwrap_err(),
+        SnapshotError::ManifestMac { .. }
+    ));
     let missing = SnapshotId::generate();
-    assert!(matches!(archive.get_manifest(&missing).await.unwrap_err(), SnapshotError::NotFound(_)));
+    assert!(matches!(
+        archive.get_manifest(&missing).await.unwrap_err(),
+        SnapshotError::NotFound(_)
+    ));
 }
 
 #[tokio::test]
 async fn local_store() {
     let dir = tempfile::tempdir().unwrap();
-    suite(Arc::new(LocalStore::open(&dir.path().join("objects")).unwrap())).await;
+    suite(Arc::new(
+        LocalStore::open(&dir.path().join("objects")).unwrap(),
+    ))
+    .await;
     // Nothing but the objects and the (now empty) temp directory is left behind.
-    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("objects/.tmp")).unwrap().collect();
+    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("objects/.tmp"))
+        .unwrap()
+        .collect();
     assert!(tmp.is_empty(), "{tmp:?}");
 }
 
@@ -136,9 +181,13 @@ fn garage_config(g: &Garage, prefix: &str) -> S3StoreConfig {
 async fn s3_store_against_garage() {
     let g = Garage::start();
     // Two prefixes in one bucket see only their own objects.
-    let a = store::open(&StoreConfig::S3(garage_config(&g, "fleet-a"))).await.unwrap();
+    let a = store::open(&StoreConfig::S3(garage_config(&g, "fleet-a")))
+        .await
+        .unwrap();
     suite(a).await;
-    let b = store::open(&StoreConfig::S3(garage_config(&g, "fleet-b/"))).await.unwrap();
+    let b = store::open(&StoreConfig::S3(garage_config(&g, "fleet-b/")))
+        .await
+        .unwrap();
     assert_eq!(b.list("").await.unwrap(), Vec::<String>::new());
 }
 
@@ -157,7 +206,10 @@ async fn s3_misconfiguration_is_a_clear_error() {
     assert!(matches!(err, StoreError::AccessDenied { .. }), "{err}");
 
     let mut c = garage_config(&g, "");
-    c.endpoint = Some(format!("http://127.0.0.1:{}", blockfleet_testkit::free_port()));
+    c.endpoint = Some(format!(
+        "http://127.0.0.1:{}",
+        blockfleet_testkit::free_port()
+    ));
     c.connect_timeout_ms = 500;
     let err = store::open(&StoreConfig::S3(c)).await.unwrap_err();
     assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");

@@ -141,7 +141,12 @@ pub async fn import_image(
     // Hashes known to be stored or claimed by a task of this import: a chunk that repeats
     // within the image is uploaded once even when its copies are in flight together.
     let known: HashSet<ChunkHash> = match &opts.parent {
-        Some(parent) => archive.get_manifest(parent).await?.chunks.into_values().collect(),
+        Some(parent) => archive
+            .get_manifest(parent)
+            .await?
+            .chunks
+            .into_values()
+            .collect(),
         None => HashSet::new(),
     };
     let snapshot_id = SnapshotId::generate();
@@ -289,11 +294,15 @@ pub async fn export_image(
             .map(|(&index, hash)| {
                 let file = Arc::clone(&file);
                 async move {
-                    let data = archive.get_chunk(hash).await.map_err(|source| ImageError::Chunk {
-                        snapshot_id: id.clone(),
-                        index,
-                        source,
-                    })?;
+                    let data =
+                        archive
+                            .get_chunk(hash)
+                            .await
+                            .map_err(|source| ImageError::Chunk {
+                                snapshot_id: id.clone(),
+                                index,
+                                source,
+                            })?;
                     let offset = index * CHUNK;
                     let len = CHUNK.min(size - offset) as usize;
                     tokio::task::spawn_blocking(move || file.write_all_at(&data[..len], offset))
@@ -309,8 +318,12 @@ pub async fn export_image(
             .await?;
         file.sync_all().map_err(write_err)?;
         fs::rename(&tmp, out).map_err(write_err)?;
-        sync_dir(out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-            .map_err(write_err)
+        sync_dir(
+            out.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )
+        .map_err(write_err)
     }
     .await;
     if let Err(e) = result {

@@ -9,5 +9,8 @@
 pub mod image;
 pub mod progress;
 
-pub use image::{export_image, import_image, ExportOptions, ExportReport, ImageError, ImportOptions, ImportReport};
+pub use image::{
+    export_image, import_image, ExportOptions, ExportReport, ImageError, ImportOptions,
+    ImportReport,
+};
 pub use progress::{NoProgress, Progress};

@@ -124,7 +124,9 @@ admin_token = "{token}"
                 panic!("garage exited at start ({status}): {}", self.log());
             }
             // Health says the node is up; the S3 port answering says the API is too.
-            if http_status(admin, "/health") == Some(200) && http_status(self.s3_port, "/").is_some() {
+            if http_status(admin, "/health") == Some(200)
+                && http_status(self.s3_port, "/").is_some()
+            {
                 return;
             }
             if Instant::now() > deadline {
@@ -151,7 +153,11 @@ impl Drop for Garage {
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).ok()?;
     let head = std::str::from_utf8(&buf[..n]).ok()?;

@@ -96,7 +96,12 @@ impl Archive {
         let keys = self.store.list(SNAPSHOTS).await?;
         Ok(keys
             .iter()
-            .filter_map(|k| k.strip_prefix(SNAPSHOTS)?.strip_suffix("/manifest")?.parse().ok())
+            .filter_map(|k| {
+                k.strip_prefix(SNAPSHOTS)?
+                    .strip_suffix("/manifest")?
+                    .parse()
+                    .ok()
+            })
             .collect())
     }
 }

@@ -63,7 +63,9 @@ pub fn is_zero(data: &[u8]) -> bool {
     let words = data.chunks_exact(16);
     let rest = words.remainder();
     rest.iter().all(|&b| b == 0)
-        && words.into_iter().all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+        && words
+            .into_iter()
+            .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
 }
 
 #[cfg(test)]

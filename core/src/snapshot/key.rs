@@ -50,11 +50,15 @@ impl ManifestKey {
         match fs::metadata(path) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                create_new(path, &Self::generate()).map_err(|e| err(format!("cannot create: {e}")))?;
+                create_new(path, &Self::generate())
+                    .map_err(|e| err(format!("cannot create: {e}")))?;
             }
             Err(e) => return Err(err(e.to_string())),
         }
-        let mode = fs::metadata(path).map_err(|e| err(e.to_string()))?.permissions().mode();
+        let mode = fs::metadata(path)
+            .map_err(|e| err(e.to_string()))?
+            .permissions()
+            .mode();
         if mode & 0o077 != 0 {
             return Err(err(format!(
                 "mode {:o} lets others read it; run chmod 600 on it",
@@ -64,7 +68,10 @@ impl ManifestKey {
         let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
         let mut key = [0u8; KEY_LEN];
         hex::decode_to_slice(text.trim_end(), &mut key).map_err(|_| {
-            err(format!("does not hold a key ({} hex digits expected)", KEY_LEN * 2))
+            err(format!(
+                "does not hold a key ({} hex digits expected)",
+                KEY_LEN * 2
+            ))
         })?;
         Ok(ManifestKey(key))
     }
@@ -90,7 +97,11 @@ fn create_new(path: &Path, key: &ManifestKey) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
             other => other,
         }?;
-        sync_dir(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+        sync_dir(
+            path.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )
     })();
     let _ = fs::remove_file(&tmp);
     result
@@ -105,11 +116,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/manifest.key");
         let a = ManifestKey::load_or_create(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let b = ManifestKey::load_or_create(&p).unwrap();
         assert_eq!(a.0, b.0);
         assert_eq!(format!("{a:?}"), "ManifestKey(<redacted>)");
-        assert_eq!(fs::read_dir(p.parent().unwrap()).unwrap().count(), 1, "no temp left");
+        assert_eq!(
+            fs::read_dir(p.parent().unwrap()).unwrap().count(),
+            1,
+            "no temp left"
+        );
     }
 
     #[test]

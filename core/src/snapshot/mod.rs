@@ -33,12 +33,13 @@ pub enum SnapshotError {
     #[error("chunk {key} is corrupt: its bytes hash to {actual}")]
     CorruptChunk { key: String, actual: ChunkHash },
     #[error("chunk {key} is corrupt: {len} bytes, expected {expected}")]
-    ChunkLength { key: String, len: usize, expected: u64 },
-    #[error("manifest of {snapshot_id} is corrupt: {reason}")]
-    CorruptManifest {
-        snapshot_id: String,
-        reason: String,
+    ChunkLength {
+        key: String,
+        len: usize,
+        expected: u64,
     },
+    #[error("manifest of {snapshot_id} is corrupt: {reason}")]
+    CorruptManifest { snapshot_id: String, reason: String },
     #[error("manifest of {snapshot_id} fails authentication: it was altered, or was written under another manifest key")]
     ManifestMac { snapshot_id: String },
     #[error("manifest of {snapshot_id} has format {format}; this build reads format {supported}")]

@@ -205,12 +205,10 @@ impl ObjectStore for LocalStore {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
-        self.blocking("delete", key, move |s| {
-            match fs::remove_file(&path) {
-                Ok(()) => sync_dir(path.parent().unwrap_or(&s.root)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e),
-            }
+        self.blocking("delete", key, move |s| match fs::remove_file(&path) {
+            Ok(()) => sync_dir(path.parent().unwrap_or(&s.root)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         })
         .await
     }

@@ -136,7 +136,9 @@ mod tests {
         for good in ["a", "chunks/abc", "snapshots/snap-1/manifest", "a.b_c-d"] {
             assert!(validate_key(good).is_ok(), "{good}");
         }
-        for bad in ["", "/a", "a/", "a//b", "../x", "a/../b", ".tmp/x", "a b", "a\\b", "ä"] {
+        for bad in [
+            "", "/a", "a/", "a//b", "../x", "a/../b", ".tmp/x", "a b", "a\\b", "ä",
+        ] {
             assert!(validate_key(bad).is_err(), "{bad}");
         }
         assert!(validate_key(&"a".repeat(1025)).is_err());

@@ -111,10 +111,7 @@ impl S3Store {
                 bucket: self.bucket.clone(),
             },
             ("NoSuchKey" | "NotFound", _) | ("", Some(404)) => StoreError::NotFound { store, key },
-            (
-                "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "Forbidden",
-                _,
-            )
+            ("AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "Forbidden", _)
             | ("", Some(403)) => StoreError::AccessDenied {
                 store,
                 reason: err.message().unwrap_or(code).to_owned(),
