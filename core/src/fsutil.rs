@@ -27,24 +27,50 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Writes `data` to the new file `tmp` (mode `mode`) and fsyncs it.
+fn write_synced(tmp: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(tmp)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Atomically replaces `path` with `data`, durably, staging it at `tmp` (same filesystem).
+pub fn replace_via(tmp: &Path, path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let result = write_synced(tmp, data, mode)
+        .and_then(|()| fs::rename(tmp, path))
+        .and_then(|()| sync_dir(parent_of(path)));
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    result
+}
+
 /// Atomically replaces `path` with `data` (file mode `mode` for a new file), durably.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    replace_via(&temp_sibling(path), path, data, mode)
+}
+
+/// Creates `path` holding `data`, durably, but never replaces an existing file: if `path`
+/// exists (another process won the race) it is left as it is and this is not an error.
+pub fn write_new(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let tmp = temp_sibling(path);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
+    let result = write_synced(&tmp, data, mode)
+        .and_then(|()| match fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        })
+        .and_then(|()| sync_dir(parent_of(path)));
+    let _ = fs::remove_file(&tmp);
     result
 }
 
@@ -96,6 +122,16 @@ mod tests {
         let p = dir.path().join("missing-dir").join("f");
         assert!(write_atomic(&p, b"x", 0o600).is_err());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn write_new_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        write_new(&p, b"first", 0o600).unwrap();
+        write_new(&p, b"second", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"first");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -3,14 +3,14 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use zeroize::{Zeroize, Zeroizing};
 
 use super::SnapshotError;
-use crate::fsutil::{create_dir_all_durable, sync_dir, temp_sibling};
+use crate::fsutil::{create_dir_all_durable, write_new};
 
 const KEY_LEN: usize = 32;
 
@@ -77,34 +77,14 @@ impl ManifestKey {
     }
 }
 
-/// Writes a new key file without ever replacing an existing one: two processes starting at
-/// once agree on one key (the loser of the link race reads the winner's).
+/// Writes a new key file without ever replacing one: two processes starting at once agree on
+/// one key (the loser of the race reads the winner's).
 fn create_new(path: &Path, key: &ManifestKey) -> io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_dir_all_durable(dir)?;
     }
-    let tmp = temp_sibling(path);
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        let text = Zeroizing::new(hex::encode(key.0) + "\n");
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        match fs::hard_link(&tmp, path) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            other => other,
-        }?;
-        sync_dir(
-            path.parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new(".")),
-        )
-    })();
-    let _ = fs::remove_file(&tmp);
-    result
+    let text = Zeroizing::new(hex::encode(key.0) + "\n");
+    write_new(path, text.as_bytes(), 0o600)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! directory, so a crash leaves either the old object or the whole new one.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{validate_key, validate_prefix, ObjectStore, StoreError};
-use crate::fsutil::{create_dir_all_durable, sync_dir};
+use crate::fsutil::{create_dir_all_durable, replace_via, sync_dir, temp_sibling};
 
 const TMP_DIR: &str = ".tmp";
 /// Temp files older than this are debris of a crashed writer and are removed at open.
@@ -78,23 +78,9 @@ impl LocalStore {
     }
 
     fn put_blocking(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-        let parent = path.parent().unwrap_or(&self.root);
-        create_dir_all_durable(parent)?;
-        let tmp = crate::fsutil::temp_sibling(&self.root.join(TMP_DIR).join("obj"));
-        let result = (|| {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            sync_dir(parent)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        create_dir_all_durable(path.parent().unwrap_or(&self.root))?;
+        let tmp = temp_sibling(&self.root.join(TMP_DIR).join("obj"));
+        replace_via(&tmp, path, data, 0o644)
     }
 
     fn list_blocking(&self, prefix: &str) -> io::Result<Vec<String>> {
