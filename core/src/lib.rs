@@ -1,5 +1,6 @@
 //! `blockfleet-core`: what every blockfleet service shares.
 //!
+//! - [`blockproto`]: the block protocol (versioned binary frames) and its pipelined client.
 //! - [`units`]: sector and chunk sizes, offset and range arithmetic with overflow and alignment checks.
 //! - [`ids`]: AWS-shaped volume, snapshot and instance ids, and KMS key ids.
 //! - [`crypto`]: AES-256-XTS over 4096-byte data units and the zeroizing key type.
@@ -8,6 +9,7 @@
 //! - [`config`]: the TOML configuration shared by the binary and the services.
 //! - [`fsutil`]: crash-safe file writes (temp file, fsync, rename, fsync directory).
 
+pub mod blockproto;
 pub mod config;
 pub mod crypto;
 pub mod fsutil;

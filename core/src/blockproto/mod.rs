@@ -1,0 +1,12 @@
+//! The block protocol between block servers and their clients (host agent, transform fleet,
+//! control plane), and the client library.
+//!
+//! - [`wire`]: frames, the versioned handshake, request and response messages, their encoding.
+//! - [`client`]: a pipelined client: many requests in flight on one connection, answered out of
+//!   order and matched by request id.
+
+pub mod client;
+pub mod wire;
+
+pub use client::{BlockClient, ClientError};
+pub use wire::{ChunkInfo, ErrorCode, Request, Response, VolumeStat, PROTOCOL_VERSION};
