@@ -64,6 +64,15 @@ pub enum Command {
     /// Snapshots in the object store: import and export raw images, list, describe.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Run a block server: stores ciphertext blocks for volumes; never holds a key.
+    BlockServer {
+        /// Address to listen on (overrides block_server.listen); port 0 picks a free port.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Data directory (overrides block_server.data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Round trip on the embedded default: generate an image, import it, export it, verify.
     Demo {
         /// Size of the generated image in MiB.

@@ -45,6 +45,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Snapshot(cmd) => snapshot_cmd::run(&config, cli.output, cmd).await,
         Command::Demo { size_mib } => demo::run(&config, cli.output, size_mib).await,
+        Command::BlockServer { listen, data_dir } => {
+            let mut c = config.block_server;
+            if let Some(l) = listen {
+                c.listen = l;
+            }
+            if let Some(d) = data_dir {
+                c.data_dir = d;
+            }
+            c.validate()?;
+            let listener = tokio::net::TcpListener::bind(&c.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", c.listen))?;
+            // The one line on stdout: scripts and tests read the bound address from it.
+            println!(
+                "blockfleet block-server listening on {}",
+                listener.local_addr()?
+            );
+            blockfleet_block_server::run(c, listener, shutdown_signal()).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM: the service then finishes in-flight work and exits cleanly.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -1,4 +1,59 @@
-//! `blockfleet-block-server`: the user-facing store of ciphertext blocks. It never holds a key.
+//! `blockfleet-block-server`: the user-facing store of ciphertext blocks. It never holds, receives
+//! or persists a key: it stores bytes at offsets and tracks per-chunk state.
 //!
-//! Nothing is built here yet: the store, wire protocol and snapshot marks arrive with the
-//! "Block server" issue. Until then this crate holds no code, so nothing can call it by mistake.
+//! - [`config`]: the `[block_server]` section of the TOML config.
+//! - [`meta`]: the sled metadata store (volume registry, per-chunk state, mark epochs, clean flag).
+//! - [`volume`]: one volume: its sparse extent file, chunk state, pause gate, open mark and
+//!   copy-on-write area.
+//! - [`store`]: every volume of the server, startup recovery, and group-committed flush.
+//! - [`server`]: the TCP block protocol: handshake, pipelined requests, graceful shutdown.
+//!
+//! [`run`] serves a store on a listener until `shutdown` completes.
+
+pub mod config;
+pub mod meta;
+pub mod server;
+pub mod store;
+pub mod volume;
+
+use std::future::Future;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+pub use config::BlockServerConfig;
+pub use store::Store;
+
+#[derive(Debug, Error)]
+pub enum BlockServerError {
+    #[error("block server data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metadata store: {0}")]
+    Meta(#[from] sled::Error),
+    #[error("volume {volume}: {reason}")]
+    CorruptVolume { volume: String, reason: String },
+    #[error("config: {0}")]
+    Config(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the store under `config.data_dir` and serves it on `listener` until `shutdown`
+/// resolves; then stops accepting, lets in-flight requests finish, flushes and marks the store
+/// cleanly shut down.
+pub async fn run(
+    config: BlockServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), BlockServerError> {
+    config
+        .validate()
+        .map_err(|e| BlockServerError::Config(e.to_string()))?;
+    let store = std::sync::Arc::new(Store::open(&config)?);
+    server::serve(store.clone(), &config, listener, shutdown).await;
+    store.close().await
+}

@@ -37,6 +37,8 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub snapshot: SnapshotConfig,
+    #[serde(default)]
+    pub block_server: BlockServerConfig,
 }
 
 impl Config {
@@ -56,7 +58,8 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.store.validate()?;
-        self.snapshot.validate()
+        self.snapshot.validate()?;
+        self.block_server.validate()
     }
 }
 
@@ -265,6 +268,69 @@ impl SnapshotConfig {
         }
         if !(1..=256).contains(&self.concurrency) {
             return Err(invalid("snapshot.concurrency", "must be 1 to 256"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// The `[block_server]` section.
+pub struct BlockServerConfig {
+    /// Address to listen on (the binary binds it; tests pass their own listener).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Extent files, copy-on-write areas and the metadata database live here.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// A pause not resumed within this time resumes by itself and drops its mark.
+    #[serde(default = "default_pause_timeout_ms")]
+    pub pause_timeout_ms: u64,
+    /// Requests one connection may have in flight; more wait (backpressure).
+    #[serde(default = "default_inflight")]
+    pub max_inflight_per_connection: usize,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7100".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("blockfleet-data/block-server")
+}
+fn default_pause_timeout_ms() -> u64 {
+    10_000
+}
+fn default_inflight() -> usize {
+    128
+}
+
+impl Default for BlockServerConfig {
+    fn default() -> Self {
+        BlockServerConfig {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            pause_timeout_ms: default_pause_timeout_ms(),
+            max_inflight_per_connection: default_inflight(),
+        }
+    }
+}
+
+impl BlockServerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("block_server.data_dir", "must not be empty"));
+        }
+        if !(100..=3_600_000).contains(&self.pause_timeout_ms) {
+            return Err(invalid(
+                "block_server.pause_timeout_ms",
+                "must be 100 to 3600000",
+            ));
+        }
+        if !(1..=4096).contains(&self.max_inflight_per_connection) {
+            return Err(invalid(
+                "block_server.max_inflight_per_connection",
+                "must be 1 to 4096",
+            ));
         }
         Ok(())
     }

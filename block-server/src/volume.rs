@@ -1,0 +1,630 @@
+//! One volume: a sparse extent file read and written at offsets, its per-chunk state, the pause
+//! gate, and the open mark with its copy-on-write area.
+//!
+//! Write path (numbered as in docs/architecture.md):
+//! 1. check alignment and range;
+//! 2. pass the pause gate (a shared hold on a RwLock that `Pause` takes exclusively, so a pause
+//!    waits for in-flight writes and holds back new ones);
+//! 3. lock the stripes of the chunks touched (serialises against hydration and copy-on-write of
+//!    the same chunk);
+//! 4. if a mark is open and a touched chunk has not been copied aside yet, copy it (data and
+//!    state) to the mark's area;
+//! 5. pwrite; 6. update the chunk state in memory (staged to sled at the next flush);
+//! 7. with FUA, flush (group commit) before acknowledging.
+//!
+//! Marks do not survive a restart: a restarted server has dropped its open mark and its
+//! copy-on-write area (the snapshot coordinator then fails the snapshot and retries). Mark ids
+//! and each chunk's last-written epoch do persist, so change lists keep working.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use blockfleet_core::blockproto::wire::MAX_IO;
+use blockfleet_core::blockproto::{ChunkInfo, ErrorCode, VolumeStat};
+use blockfleet_core::ids::VolumeId;
+use blockfleet_core::units::{
+    check_range, chunk_count, chunks_covering, CHUNK, SECTOR, SECTORS_PER_CHUNK,
+};
+use bytes::Bytes;
+use thiserror::Error;
+use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
+
+use crate::meta::{ChunkMeta, VolumeRecord};
+
+/// A refused or failed operation, as it goes on the wire.
+#[derive(Debug, Error)]
+#[error("{message}")]
+pub struct OpError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+pub fn op_err(code: ErrorCode, message: impl Into<String>) -> OpError {
+    OpError {
+        code,
+        message: message.into(),
+    }
+}
+
+impl From<io::Error> for OpError {
+    fn from(e: io::Error) -> Self {
+        op_err(ErrorCode::Io, e.to_string())
+    }
+}
+
+const STRIPES: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn info(m: &ChunkMeta) -> ChunkInfo {
+    ChunkInfo {
+        hydrated: m.hydrated,
+        user_written: m.user_written,
+        generation: m.generation,
+    }
+}
+
+/// Bits of the units of `chunk` that `offset..offset+len` covers.
+fn unit_bits(chunk: u64, offset: u64, len: u64) -> u128 {
+    let start = chunk * CHUNK;
+    let from = offset.max(start);
+    let to = (offset + len).min(start + CHUNK);
+    let (a, b) = ((from - start) / SECTOR, (to - start) / SECTOR);
+    let ones = |n: u64| {
+        if n >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << n) - 1
+        }
+    };
+    ones(b) & !ones(a)
+}
+
+struct OpenMark {
+    id: u64,
+    cow_path: PathBuf,
+    cow_file: Arc<File>,
+    /// Chunk -> (its state at the mark, its slot in the cow file).
+    cow: HashMap<u64, (ChunkMeta, u64)>,
+    next_slot: u64,
+}
+
+struct VolState {
+    chunks: Vec<ChunkMeta>,
+    dirty_chunks: BTreeSet<u64>,
+    epoch: u64,
+    unclean_epoch: Option<u64>,
+    open: Option<OpenMark>,
+}
+
+struct Pause {
+    id: u64,
+    _gate: OwnedRwLockWriteGuard<()>,
+    /// The mark taken during this pause, dropped if the pause times out.
+    mark: Option<u64>,
+}
+
+pub struct Volume {
+    pub id: VolumeId,
+    pub size: u64,
+    pub hydrating: bool,
+    dir: PathBuf,
+    file: Arc<File>,
+    state: Mutex<VolState>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    gate: Arc<RwLock<()>>,
+    pause: tokio::sync::Mutex<Option<Pause>>,
+    pause_ids: AtomicU64,
+    /// Written since the last fdatasync.
+    dirty: AtomicBool,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Volume({}, {} bytes)", self.id, self.size)
+    }
+}
+
+fn data_path(dir: &Path) -> PathBuf {
+    dir.join("data")
+}
+
+/// Runs blocking file I/O off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, OpError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| op_err(ErrorCode::Io, format!("I/O task failed: {e}")))?
+        .map_err(OpError::from)
+}
+
+impl Volume {
+    /// Creates the volume's directory and sparse extent file.
+    pub fn create_files(dir: &Path, size: u64) -> io::Result<()> {
+        fs::create_dir_all(dir)?;
+        let f = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(data_path(dir))?;
+        f.set_len(size)?;
+        f.sync_all()?;
+        blockfleet_core::fsutil::sync_dir(dir)?;
+        blockfleet_core::fsutil::sync_dir(dir.parent().unwrap_or(dir))
+    }
+
+    /// Opens a registered volume; drops copy-on-write debris of a previous run.
+    pub fn open(
+        id: VolumeId,
+        dir: PathBuf,
+        rec: &VolumeRecord,
+        stored: std::collections::BTreeMap<u64, ChunkMeta>,
+    ) -> Result<Self, String> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(data_path(&dir))
+            .map_err(|e| format!("extent file: {e}"))?;
+        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        if len != rec.size {
+            return Err(format!(
+                "extent file is {len} bytes, the volume {} bytes",
+                rec.size
+            ));
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("cow-") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        let n = chunk_count(rec.size) as usize;
+        let mut chunks = vec![ChunkMeta::default(); n];
+        for (c, m) in stored {
+            let slot = chunks
+                .get_mut(c as usize)
+                .ok_or_else(|| format!("chunk state for chunk {c} beyond the volume"))?;
+            *slot = m;
+        }
+        Ok(Volume {
+            id,
+            size: rec.size,
+            hydrating: rec.hydrating,
+            dir,
+            file: Arc::new(file),
+            state: Mutex::new(VolState {
+                chunks,
+                dirty_chunks: BTreeSet::new(),
+                epoch: rec.epoch,
+                unclean_epoch: rec.unclean_epoch,
+                open: None,
+            }),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            gate: Arc::new(RwLock::new(())),
+            pause: tokio::sync::Mutex::new(None),
+            pause_ids: AtomicU64::new(1),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn record(&self) -> VolumeRecord {
+        let st = lock(&self.state);
+        VolumeRecord {
+            size: self.size,
+            hydrating: self.hydrating,
+            epoch: st.epoch,
+            unclean_epoch: st.unclean_epoch,
+        }
+    }
+
+    /// Records that this run started without a clean shutdown.
+    pub fn set_unclean(&self) {
+        let mut st = lock(&self.state);
+        st.unclean_epoch = Some(st.epoch);
+    }
+
+    fn check_io(&self, offset: u64, len: u64) -> Result<(), OpError> {
+        if offset % SECTOR != 0 || len % SECTOR != 0 {
+            return Err(op_err(
+                ErrorCode::Unaligned,
+                format!("offset {offset} and length {len} must be multiples of {SECTOR}"),
+            ));
+        }
+        if len == 0 || len > u64::from(MAX_IO) {
+            return Err(op_err(
+                ErrorCode::BadRequest,
+                format!("length {len} must be 1 to {MAX_IO} bytes"),
+            ));
+        }
+        check_range(offset, len, self.size)
+            .map_err(|e| op_err(ErrorCode::OutOfRange, format!("{}: {e}", self.id)))?;
+        Ok(())
+    }
+
+    fn check_chunk(&self, chunk: u64) -> Result<(), OpError> {
+        if chunk >= chunk_count(self.size) {
+            return Err(op_err(
+                ErrorCode::OutOfRange,
+                format!(
+                    "chunk {chunk} beyond the {} chunks of {}",
+                    chunk_count(self.size),
+                    self.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn lock_stripes(
+        &self,
+        chunks: std::ops::Range<u64>,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let set: BTreeSet<usize> = chunks.map(|c| (c % STRIPES as u64) as usize).collect();
+        let mut guards = Vec::with_capacity(set.len());
+        for s in set {
+            guards.push(self.stripes[s].lock().await);
+        }
+        guards
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, OpError> {
+        self.check_io(offset, u64::from(len))?;
+        let file = Arc::clone(&self.file);
+        blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    /// Copies aside, for the open mark, each chunk of `chunks` not copied yet. The caller holds
+    /// the chunks' stripe locks.
+    async fn copy_on_write(&self, chunks: std::ops::Range<u64>) -> Result<(), OpError> {
+        for c in chunks {
+            let (mark_id, cow_file, slot, meta) = {
+                let mut guard = lock(&self.state);
+                let st = &mut *guard;
+                let Some(m) = st.open.as_mut() else {
+                    return Ok(());
+                };
+                if m.cow.contains_key(&c) {
+                    continue;
+                }
+                m.next_slot += 1;
+                (
+                    m.id,
+                    Arc::clone(&m.cow_file),
+                    m.next_slot - 1,
+                    st.chunks[c as usize],
+                )
+            };
+            if meta.generation > 0 {
+                let file = Arc::clone(&self.file);
+                blocking(move || {
+                    let mut buf = vec![0u8; CHUNK as usize];
+                    file.read_exact_at(&mut buf, c * CHUNK)?;
+                    cow_file.write_all_at(&buf, slot * CHUNK)
+                })
+                .await?;
+            }
+            let mut st = lock(&self.state);
+            if let Some(m) = st.open.as_mut().filter(|m| m.id == mark_id) {
+                m.cow.insert(c, (meta, slot));
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), OpError> {
+        let len = data.len() as u64;
+        self.check_io(offset, len)?;
+        let _gate = self.gate.read().await;
+        let chunks = chunks_covering(offset, len)
+            .map_err(|e| op_err(ErrorCode::OutOfRange, e.to_string()))?;
+        let _stripes = self.lock_stripes(chunks.clone()).await;
+        self.copy_on_write(chunks.clone()).await?;
+        let file = Arc::clone(&self.file);
+        blocking(move || file.write_all_at(&data, offset)).await?;
+        let mut st = lock(&self.state);
+        let epoch = st.epoch;
+        for c in chunks {
+            let m = &mut st.chunks[c as usize];
+            m.generation += 1;
+            m.last_epoch = epoch;
+            if self.hydrating && !m.hydrated {
+                m.user_written |= unit_bits(c, offset, len);
+            }
+            st.dirty_chunks.insert(c);
+        }
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes a whole chunk except the units the user has written; returns those units (all
+    /// ones if the chunk was already hydrated, in which case nothing is written).
+    pub async fn write_if_unwritten(&self, chunk: u64, data: Bytes) -> Result<u128, OpError> {
+        if !self.hydrating {
+            return Err(op_err(
+                ErrorCode::BadRequest,
+                format!("{} is not a hydrating volume", self.id),
+            ));
+        }
+        self.check_chunk(chunk)?;
+        if data.len() as u64 != CHUNK {
+            return Err(op_err(
+                ErrorCode::BadRequest,
+                format!(
+                    "hydration writes whole chunks of {CHUNK} bytes, got {}",
+                    data.len()
+                ),
+            ));
+        }
+        let _gate = self.gate.read().await;
+        let _stripes = self.lock_stripes(chunk..chunk + 1).await;
+        self.copy_on_write(chunk..chunk + 1).await?;
+        let skip = {
+            let st = lock(&self.state);
+            let m = st.chunks[chunk as usize];
+            if m.hydrated {
+                return Ok(u128::MAX);
+            }
+            m.user_written
+        };
+        let file = Arc::clone(&self.file);
+        blocking(move || {
+            // Write each run of units the user has not written.
+            let mut u = 0u64;
+            while u < SECTORS_PER_CHUNK {
+                if skip >> u & 1 == 1 {
+                    u += 1;
+                    continue;
+                }
+                let start = u;
+                while u < SECTORS_PER_CHUNK && skip >> u & 1 == 0 {
+                    u += 1;
+                }
+                let (a, b) = ((start * SECTOR) as usize, (u * SECTOR) as usize);
+                file.write_all_at(&data[a..b], chunk * CHUNK + start * SECTOR)?;
+            }
+            Ok(())
+        })
+        .await?;
+        let mut st = lock(&self.state);
+        let m = &mut st.chunks[chunk as usize];
+        m.hydrated = true;
+        m.generation += 1;
+        st.dirty_chunks.insert(chunk);
+        self.dirty.store(true, Ordering::Release);
+        Ok(skip)
+    }
+
+    pub fn chunk_state(&self, chunk: u64) -> Result<ChunkInfo, OpError> {
+        self.check_chunk(chunk)?;
+        Ok(info(&lock(&self.state).chunks[chunk as usize]))
+    }
+
+    pub async fn stat(&self) -> VolumeStat {
+        let paused = self.pause.lock().await.is_some();
+        let st = lock(&self.state);
+        VolumeStat {
+            size: self.size,
+            hydrating: self.hydrating,
+            open_mark: st.open.as_ref().map_or(0, |m| m.id),
+            paused,
+        }
+    }
+
+    /// Stops acknowledging writes: waits for in-flight ones, holds back new ones until
+    /// `resume` or `timeout`, after which it resumes by itself and drops a mark it took.
+    pub async fn pause(self: &Arc<Self>, timeout: Duration) -> Result<(), OpError> {
+        let mut slot = self.pause.lock().await;
+        if slot.is_some() {
+            return Err(op_err(
+                ErrorCode::AlreadyPaused,
+                format!("{} is already paused", self.id),
+            ));
+        }
+        let gate = Arc::clone(&self.gate).write_owned().await;
+        let id = self.pause_ids.fetch_add(1, Ordering::Relaxed);
+        *slot = Some(Pause {
+            id,
+            _gate: gate,
+            mark: None,
+        });
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let mut slot = this.pause.lock().await;
+            if slot.as_ref().is_some_and(|p| p.id == id) {
+                let p = slot.take();
+                tracing::warn!(volume = %this.id, "pause not resumed in time: resuming and dropping its mark");
+                if let Some(mark) = p.and_then(|p| p.mark) {
+                    let _ = this.release_mark(mark);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    pub async fn resume(&self) -> Result<(), OpError> {
+        match self.pause.lock().await.take() {
+            Some(_) => Ok(()),
+            None => Err(op_err(
+                ErrorCode::NotPaused,
+                format!("{} is not paused", self.id),
+            )),
+        }
+    }
+
+    /// Records a cut. Paused or not, no write is in flight while the mark is taken. The new
+    /// mark id is durable (in sled, through `persist`) before it is returned.
+    pub async fn mark(
+        &self,
+        persist: impl FnOnce(VolumeRecord) -> Result<(), OpError>,
+    ) -> Result<u64, OpError> {
+        let mut slot = self.pause.lock().await;
+        let _own_gate = match slot.is_some() {
+            true => None,
+            false => Some(self.gate.write().await),
+        };
+        let mut st = lock(&self.state);
+        if let Some(m) = &st.open {
+            return Err(op_err(
+                ErrorCode::MarkOpen,
+                format!("{} already has open mark {}", self.id, m.id),
+            ));
+        }
+        let id = st.epoch + 1;
+        let cow_path = self.dir.join(format!("cow-{id}"));
+        let cow_file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&cow_path)?;
+        persist(VolumeRecord {
+            size: self.size,
+            hydrating: self.hydrating,
+            epoch: id,
+            unclean_epoch: st.unclean_epoch,
+        })?;
+        st.epoch = id;
+        st.open = Some(OpenMark {
+            id,
+            cow_path,
+            cow_file: Arc::new(cow_file),
+            cow: HashMap::new(),
+            next_slot: 0,
+        });
+        if let Some(p) = slot.as_mut() {
+            p.mark = Some(id);
+        }
+        Ok(id)
+    }
+
+    fn open_mark<'a>(&self, st: &'a VolState, mark: u64) -> Result<&'a OpenMark, OpError> {
+        st.open.as_ref().filter(|m| m.id == mark).ok_or_else(|| {
+            op_err(
+                ErrorCode::NoSuchMark,
+                format!("mark {mark} is not open on {}", self.id),
+            )
+        })
+    }
+
+    /// A chunk as it was at the open mark `mark`.
+    pub async fn read_mark(&self, mark: u64, chunk: u64) -> Result<(ChunkInfo, Bytes), OpError> {
+        self.check_chunk(chunk)?;
+        let _stripe = self.lock_stripes(chunk..chunk + 1).await;
+        let (meta, file, offset) = {
+            let st = lock(&self.state);
+            let m = self.open_mark(&st, mark)?;
+            match m.cow.get(&chunk) {
+                Some((meta, slot)) => (*meta, Arc::clone(&m.cow_file), slot * CHUNK),
+                None => (
+                    st.chunks[chunk as usize],
+                    Arc::clone(&self.file),
+                    chunk * CHUNK,
+                ),
+            }
+        };
+        if meta.generation == 0 {
+            return Ok((info(&meta), Bytes::from(vec![0u8; CHUNK as usize])));
+        }
+        let data = blocking(move || {
+            let mut buf = vec![0u8; CHUNK as usize];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        })
+        .await?;
+        Ok((info(&meta), data))
+    }
+
+    pub fn release_mark(&self, mark: u64) -> Result<(), OpError> {
+        let mut st = lock(&self.state);
+        self.open_mark(&st, mark)?;
+        if let Some(m) = st.open.take() {
+            let _ = fs::remove_file(&m.cow_path);
+        }
+        Ok(())
+    }
+
+    /// Chunks written by the user after mark `base` (0: ever written or hydrated) up to the open mark
+    /// `target` (0: now). After an unclean restart, a list reaching back before it is every chunk.
+    pub fn changed_chunks(&self, base: u64, target: u64) -> Result<Vec<u64>, OpError> {
+        let st = lock(&self.state);
+        if base > st.epoch {
+            return Err(op_err(
+                ErrorCode::NoSuchMark,
+                format!("mark {base} was never taken on {}", self.id),
+            ));
+        }
+        let cow = match target {
+            0 => None,
+            t => Some(&self.open_mark(&st, t)?.cow),
+        };
+        if st.unclean_epoch.is_some_and(|e| base <= e) {
+            return Ok((0..st.chunks.len() as u64).collect());
+        }
+        Ok(st
+            .chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(c, now)| {
+                let at = cow.and_then(|m| m.get(&(c as u64))).map_or(now, |(m, _)| m);
+                // Hydration bumps the generation but not the epoch: it changes no content.
+                (at.generation > 0 && (base == 0 || at.last_epoch >= base)).then_some(c as u64)
+            })
+            .collect())
+    }
+
+    /// For a flush: fdatasyncs the extent if written since the last sync, and hands over the
+    /// chunk states changed since.
+    /// Returns whether it synced, and the changed states.
+    pub fn sync(&self) -> io::Result<(bool, Vec<(u64, ChunkMeta)>)> {
+        let synced = self.dirty.swap(false, Ordering::AcqRel);
+        if synced {
+            if let Err(e) = self.file.sync_data() {
+                self.dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        let mut st = lock(&self.state);
+        let dirty = std::mem::take(&mut st.dirty_chunks);
+        Ok((
+            synced,
+            dirty
+                .into_iter()
+                .map(|c| (c, st.chunks[c as usize]))
+                .collect(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_bits_cover_exactly() {
+        assert_eq!(unit_bits(0, 0, SECTOR), 1);
+        assert_eq!(unit_bits(0, SECTOR, 2 * SECTOR), 0b110);
+        assert_eq!(unit_bits(0, 0, CHUNK), u128::MAX);
+        assert_eq!(unit_bits(1, 0, 2 * CHUNK), u128::MAX);
+        assert_eq!(unit_bits(1, CHUNK - SECTOR, 2 * SECTOR), 1);
+        assert_eq!(unit_bits(0, CHUNK - SECTOR, 2 * SECTOR), 1 << 127);
+    }
+}

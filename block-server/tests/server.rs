@@ -1,0 +1,554 @@
+//! The block server over real TCP on 127.0.0.1, started in-process with `run`, driven by the
+//! client library (and by raw bytes where the test is about bad input).
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockfleet_block_server::{run, BlockServerConfig, Store};
+use blockfleet_core::blockproto::{BlockClient, ErrorCode, Request, Response};
+use blockfleet_core::ids::VolumeId;
+use blockfleet_core::units::{CHUNK, SECTOR};
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+struct Server {
+    addr: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: Option<tempfile::TempDir>,
+    config: BlockServerConfig,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BlockServerConfig {
+            data_dir: dir.path().join("bs"),
+            ..Default::default()
+        };
+        let mut s = Server::start_with(config).await;
+        s._dir = Some(dir);
+        s
+    }
+
+    async fn start_with(config: BlockServerConfig) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = oneshot::channel();
+        let c = config.clone();
+        let task = tokio::spawn(async move {
+            run(c, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Server {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+            _dir: None,
+            config,
+        }
+    }
+
+    async fn client(&self) -> BlockClient {
+        BlockClient::connect(&self.addr).await.unwrap()
+    }
+
+    /// Graceful stop, then start again on the same data directory.
+    async fn restart(mut self) -> Server {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.task.take().unwrap().await.unwrap();
+        let mut s = Server::start_with(self.config.clone()).await;
+        s._dir = self._dir.take();
+        s
+    }
+}
+
+fn pattern(unit: u64, tag: u8) -> Vec<u8> {
+    let mut v = vec![tag; SECTOR as usize];
+    v[..8].copy_from_slice(&unit.to_le_bytes());
+    v
+}
+
+fn vol() -> VolumeId {
+    VolumeId::generate()
+}
+
+#[tokio::test]
+async fn read_write_flush_and_bad_input() {
+    let s = Server::start().await;
+    let c = s.client().await;
+    let v = vol();
+    c.create_volume(&v, 4 * CHUNK, false).await.unwrap();
+    let data = Bytes::from(pattern(3, 0xaa));
+    c.write(&v, 3 * SECTOR, data.clone(), false).await.unwrap();
+    c.flush(&v).await.unwrap();
+    assert_eq!(c.read(&v, 3 * SECTOR, SECTOR as u32).await.unwrap(), data);
+    // Never-written space reads as zeros.
+    assert_eq!(
+        c.read(&v, CHUNK, SECTOR as u32).await.unwrap(),
+        vec![0u8; SECTOR as usize]
+    );
+    let stat = c.stat_volume(&v).await.unwrap();
+    assert_eq!(
+        (stat.size, stat.paused, stat.open_mark),
+        (4 * CHUNK, false, 0)
+    );
+
+    let bad =
+        |r: Result<(), blockfleet_core::blockproto::ClientError>| r.unwrap_err().code().unwrap();
+    let junk = Bytes::from(vec![0x55u8; SECTOR as usize]);
+    assert_eq!(
+        bad(c.write(&v, 3 * SECTOR + 512, junk.clone(), false).await),
+        ErrorCode::Unaligned
+    );
+    assert_eq!(
+        bad(c
+            .write(&v, 3 * SECTOR, Bytes::from(vec![1u8; 100]), false)
+            .await),
+        ErrorCode::Unaligned
+    );
+    assert_eq!(
+        bad(c.write(&v, 4 * CHUNK, junk.clone(), true).await),
+        ErrorCode::OutOfRange
+    );
+    assert_eq!(
+        bad(c.write(&v, u64::MAX - SECTOR + 1, junk.clone(), true).await),
+        ErrorCode::OutOfRange
+    );
+    assert_eq!(
+        bad(c.write(&v, 0, Bytes::new(), false).await),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        c.read(&v, 4 * CHUNK - SECTOR, 2 * SECTOR as u32)
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::OutOfRange)
+    );
+    assert_eq!(
+        bad(c.write(&vol(), 0, junk.clone(), false).await),
+        ErrorCode::NoSuchVolume
+    );
+    assert_eq!(
+        bad(c.create_volume(&v, CHUNK, false).await),
+        ErrorCode::VolumeExists
+    );
+    assert_eq!(
+        bad(c.create_volume(&vol(), CHUNK + SECTOR, false).await),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        bad(c.create_volume(&vol(), 0, false).await),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        c.write_if_unwritten(&v, 0, Bytes::from(vec![0u8; CHUNK as usize]))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        c.chunk_state(&v, 4).await.unwrap_err().code(),
+        Some(ErrorCode::OutOfRange)
+    );
+    // Nothing the refused requests carried reached the disk.
+    assert_eq!(c.read(&v, 3 * SECTOR, SECTOR as u32).await.unwrap(), data);
+    assert_eq!(c.chunk_state(&v, 0).await.unwrap().generation, 1);
+
+    c.delete_volume(&v).await.unwrap();
+    assert_eq!(
+        c.read(&v, 0, SECTOR as u32).await.unwrap_err().code(),
+        Some(ErrorCode::NoSuchVolume)
+    );
+}
+
+#[tokio::test]
+async fn pipelined_requests_on_one_connection() {
+    let s = Server::start().await;
+    let c = Arc::new(s.client().await);
+    let v = vol();
+    c.create_volume(&v, 8 * CHUNK, false).await.unwrap();
+    let units = 8 * CHUNK / SECTOR;
+    let writes = (0..units).map(|u| {
+        let (c, v) = (Arc::clone(&c), v.clone());
+        async move {
+            c.write(&v, u * SECTOR, Bytes::from(pattern(u, 7)), u % 17 == 0)
+                .await
+        }
+    });
+    futures::future::try_join_all(writes).await.unwrap();
+    let reads = (0..units).map(|u| {
+        let (c, v) = (Arc::clone(&c), v.clone());
+        async move { (u, c.read(&v, u * SECTOR, SECTOR as u32).await.unwrap()) }
+    });
+    for (u, data) in futures::future::join_all(reads).await {
+        assert_eq!(data, pattern(u, 7), "unit {u}");
+    }
+}
+
+#[tokio::test]
+async fn flushed_data_and_chunk_state_survive_restart() {
+    let s = Server::start().await;
+    let v = vol();
+    {
+        let c = s.client().await;
+        c.create_volume(&v, 2 * CHUNK, true).await.unwrap();
+        c.write(&v, CHUNK + 5 * SECTOR, Bytes::from(pattern(5, 9)), true)
+            .await
+            .unwrap();
+    }
+    let s = s.restart().await;
+    let c = s.client().await;
+    assert_eq!(
+        c.read(&v, CHUNK + 5 * SECTOR, SECTOR as u32).await.unwrap(),
+        pattern(5, 9)
+    );
+    let st = c.chunk_state(&v, 1).await.unwrap();
+    assert_eq!(
+        (st.hydrated, st.user_written, st.generation),
+        (false, 1 << 5, 1)
+    );
+    // After a clean restart, change lists are exact.
+    assert_eq!(c.list_changed_chunks(&v, 0, 0).await.unwrap(), vec![1]);
+}
+
+#[tokio::test]
+async fn write_if_unwritten_never_overwrites_user_writes() {
+    let s = Server::start().await;
+    let c = Arc::new(s.client().await);
+    let v = vol();
+    c.create_volume(&v, 4 * CHUNK, true).await.unwrap();
+    let source = |chunk: u64| Bytes::from(vec![0xe0 | chunk as u8; CHUNK as usize]);
+
+    c.write(&v, 3 * SECTOR, Bytes::from(pattern(3, 1)), false)
+        .await
+        .unwrap();
+    c.write(
+        &v,
+        100 * SECTOR,
+        Bytes::from([pattern(100, 1), pattern(101, 1)].concat()),
+        false,
+    )
+    .await
+    .unwrap();
+    let skipped = c.write_if_unwritten(&v, 0, source(0)).await.unwrap();
+    assert_eq!(skipped, 1 << 3 | 1 << 100 | 1 << 101);
+    let chunk = c.read(&v, 0, CHUNK as u32).await.unwrap();
+    for u in 0..128u64 {
+        let got = &chunk[(u * SECTOR) as usize..((u + 1) * SECTOR) as usize];
+        if [3, 100, 101].contains(&u) {
+            assert_eq!(got, pattern(u, 1), "user unit {u} overwritten");
+        } else {
+            assert!(got.iter().all(|&b| b == 0xe0), "unit {u} not hydrated");
+        }
+    }
+    assert!(c.chunk_state(&v, 0).await.unwrap().hydrated);
+    // Hydrating again writes nothing.
+    assert_eq!(
+        c.write_if_unwritten(&v, 0, source(9)).await.unwrap(),
+        u128::MAX
+    );
+    assert_eq!(c.read(&v, 0, CHUNK as u32).await.unwrap(), chunk);
+
+    // Racing user writes against hydration of the other chunks: every acknowledged user write wins.
+    let writers = (0..64u64).map(|i| {
+        let (c, v) = (Arc::clone(&c), v.clone());
+        async move {
+            let u = CHUNK / SECTOR + (i * 37) % (3 * CHUNK / SECTOR);
+            c.write(&v, u * SECTOR, Bytes::from(pattern(u, 2)), false)
+                .await
+                .unwrap();
+            u
+        }
+    });
+    let hydrate = (1..4u64).map(|chunk| {
+        let (c, v) = (Arc::clone(&c), v.clone());
+        async move {
+            c.write_if_unwritten(&v, chunk, source(chunk))
+                .await
+                .unwrap()
+        }
+    });
+    let (written, _) = futures::future::join(
+        futures::future::join_all(writers),
+        futures::future::join_all(hydrate),
+    )
+    .await;
+    for u in written {
+        assert_eq!(
+            c.read(&v, u * SECTOR, SECTOR as u32).await.unwrap(),
+            pattern(u, 2),
+            "unit {u}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn marks_give_exact_point_in_time_reads_under_concurrent_writes() {
+    let s = Server::start().await;
+    let c = Arc::new(s.client().await);
+    let v = vol();
+    let chunks = 6u64;
+    c.create_volume(&v, chunks * CHUNK, false).await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let (c, v, stop) = (Arc::clone(&c), v.clone(), Arc::clone(&stop));
+        writers.push(tokio::spawn(async move {
+            let mut tag = 0u8;
+            let mut x = w * 7919 + 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (x >> 33) % (chunks * CHUNK / SECTOR);
+                tag = tag.wrapping_add(1);
+                c.write(&v, u * SECTOR, Bytes::from(pattern(u, tag)), false)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.pause(&v).await.unwrap();
+    // Paused: no write is acknowledged, so what is on the volume now is the cut.
+    let cut = c.read(&v, 0, (chunks * CHUNK) as u32).await.unwrap();
+    let mark = c.mark(&v).await.unwrap();
+    assert_eq!(
+        c.mark(&v).await.unwrap_err().code(),
+        Some(ErrorCode::MarkOpen)
+    );
+    c.resume(&v).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let now = c.read(&v, 0, (chunks * CHUNK) as u32).await.unwrap();
+    assert_ne!(
+        now, cut,
+        "the writers changed nothing after the mark: the test proves nothing"
+    );
+    for chunk in 0..chunks {
+        let (_, data) = c.read_mark(&v, mark, chunk).await.unwrap();
+        let range = (chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize;
+        assert!(data == cut[range], "chunk {chunk} differs from the cut");
+    }
+    c.release_mark(&v, mark).await.unwrap();
+    assert_eq!(
+        c.read_mark(&v, mark, 0).await.unwrap_err().code(),
+        Some(ErrorCode::NoSuchMark)
+    );
+    assert_eq!(
+        c.release_mark(&v, mark).await.unwrap_err().code(),
+        Some(ErrorCode::NoSuchMark)
+    );
+    assert_eq!(
+        c.resume(&v).await.unwrap_err().code(),
+        Some(ErrorCode::NotPaused)
+    );
+}
+
+#[tokio::test]
+async fn changed_chunk_lists() {
+    let s = Server::start().await;
+    let c = s.client().await;
+    let v = vol();
+    c.create_volume(&v, 8 * CHUNK, false).await.unwrap();
+    let w = |chunk: u64| c.write(&v, chunk * CHUNK, Bytes::from(pattern(chunk, 1)), false);
+    w(1).await.unwrap();
+    w(2).await.unwrap();
+    let m1 = c.mark(&v).await.unwrap();
+    c.release_mark(&v, m1).await.unwrap();
+    w(3).await.unwrap();
+    let m2 = c.mark(&v).await.unwrap();
+    w(4).await.unwrap();
+    w(3).await.unwrap(); // rewritten after m2: still changed between m1 and m2
+    assert_eq!(c.list_changed_chunks(&v, m1, m2).await.unwrap(), vec![3]);
+    assert_eq!(c.list_changed_chunks(&v, m1, 0).await.unwrap(), vec![3, 4]);
+    assert_eq!(c.list_changed_chunks(&v, m2, 0).await.unwrap(), vec![3, 4]);
+    assert_eq!(
+        c.list_changed_chunks(&v, 0, 0).await.unwrap(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        c.list_changed_chunks(&v, 0, m2).await.unwrap(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        c.list_changed_chunks(&v, m2 + 1, 0)
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::NoSuchMark)
+    );
+    assert_eq!(
+        c.list_changed_chunks(&v, m1, m1).await.unwrap_err().code(),
+        Some(ErrorCode::NoSuchMark)
+    );
+}
+
+#[tokio::test]
+async fn a_pause_not_resumed_in_time_resumes_and_drops_its_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BlockServerConfig {
+        data_dir: dir.path().join("bs"),
+        pause_timeout_ms: 200,
+        ..Default::default()
+    };
+    let s = Server::start_with(config).await;
+    let c = Arc::new(s.client().await);
+    let v = vol();
+    c.create_volume(&v, CHUNK, false).await.unwrap();
+    c.pause(&v).await.unwrap();
+    assert_eq!(
+        c.pause(&v).await.unwrap_err().code(),
+        Some(ErrorCode::AlreadyPaused)
+    );
+    let mark = c.mark(&v).await.unwrap();
+    // A write issued while paused is held back, then goes through when the pause times out.
+    let started = std::time::Instant::now();
+    c.write(&v, 0, Bytes::from(pattern(0, 3)), true)
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "write was not held back"
+    );
+    let stat = c.stat_volume(&v).await.unwrap();
+    assert!(!stat.paused);
+    assert_eq!(stat.open_mark, 0);
+    assert_eq!(
+        c.read_mark(&v, mark, 0).await.unwrap_err().code(),
+        Some(ErrorCode::NoSuchMark)
+    );
+}
+
+#[tokio::test]
+async fn group_commit_shares_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BlockServerConfig {
+        data_dir: dir.path().join("bs"),
+        ..Default::default()
+    };
+    let store = Arc::new(Store::open(&config).unwrap());
+    let v = vol();
+    store
+        .handle(Request::CreateVolume {
+            volume: v.clone(),
+            size: 4 * CHUNK,
+            hydrating: false,
+        })
+        .await
+        .unwrap();
+    let ops = (0..64u64).map(|u| {
+        let (store, v) = (Arc::clone(&store), v.clone());
+        async move {
+            let data = Bytes::from(pattern(u, 4));
+            store
+                .handle(Request::Write {
+                    volume: v.clone(),
+                    offset: u * SECTOR,
+                    fua: true,
+                    data,
+                })
+                .await
+                .unwrap();
+        }
+    });
+    futures::future::join_all(ops).await;
+    let flushes = store
+        .counters
+        .flushes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let fsyncs = store
+        .counters
+        .fsyncs
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(flushes, 64);
+    assert!(
+        fsyncs < flushes / 2,
+        "{fsyncs} fsyncs for {flushes} concurrent flushes"
+    );
+    let r = store
+        .handle(Request::Read {
+            volume: v,
+            offset: 0,
+            len: SECTOR as u32,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, Response::Data(Bytes::from(pattern(0, 4))));
+}
+
+/// Garbage, bad handshakes, oversized and malformed frames: errors or closed connections for
+/// the sender, nothing changed on disk, and other clients served throughout.
+#[tokio::test]
+async fn random_bytes_do_not_disturb_the_server() {
+    let s = Server::start().await;
+    let good = s.client().await;
+    let v = vol();
+    good.create_volume(&v, CHUNK, false).await.unwrap();
+    good.write(&v, 0, Bytes::from(pattern(0, 5)), true)
+        .await
+        .unwrap();
+    let before = good.read(&v, 0, CHUNK as u32).await.unwrap();
+
+    let mut x: u64 = 0x2545F4914F6CDD1D;
+    let mut rnd = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let hello = blockfleet_core::blockproto::wire::encode_hello(1);
+    let mut cases: Vec<Vec<u8>> = (0..30).map(|i| rnd(1 + i * 37)).collect();
+    cases.push(blockfleet_core::blockproto::wire::encode_hello(99).to_vec()); // wrong version
+    cases.push(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec());
+    cases.push([hello.to_vec(), vec![0xff, 0xff, 0xff, 0x7f]].concat()); // oversized frame
+    for i in 0..30 {
+        // A valid hello, then random frames with a sane length prefix.
+        let body = rnd(9 + i * 13);
+        let mut f = hello.to_vec();
+        f.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        f.extend_from_slice(&body);
+        cases.push(f);
+    }
+    for case in cases {
+        let mut raw = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+        let _ = raw.write_all(&case).await;
+        let _ = raw.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), raw.read_to_end(&mut sink)).await;
+    }
+    // A well-formed frame with an unknown opcode gets a typed error reply.
+    let mut raw = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+    raw.write_all(&hello).await.unwrap();
+    let mut buf = [0u8; 14];
+    raw.read_exact(&mut buf).await.unwrap();
+    let mut frame = Request::Flush { volume: v.clone() }.encode(77).to_vec();
+    frame[12] = 200;
+    raw.write_all(&frame).await.unwrap();
+    let len = raw.read_u32_le().await.unwrap() as usize;
+    let mut body = vec![0u8; len];
+    raw.read_exact(&mut body).await.unwrap();
+    let (id, result) = blockfleet_core::blockproto::wire::decode_response(&body).unwrap();
+    assert_eq!(id, 77);
+    assert_eq!(result.unwrap_err().0, ErrorCode::UnknownOpcode);
+
+    assert_eq!(good.read(&v, 0, CHUNK as u32).await.unwrap(), before);
+    let fresh = s.client().await;
+    assert_eq!(fresh.read(&v, 0, CHUNK as u32).await.unwrap(), before);
+}
