@@ -72,6 +72,9 @@ pub enum Command {
         /// Data directory (overrides block_server.data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Serve Prometheus /metrics here (overrides block_server.metrics_listen).
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Round trip on the embedded default: generate an image, import it, export it, verify.
     Demo {

@@ -45,8 +45,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Snapshot(cmd) => snapshot_cmd::run(&config, cli.output, cmd).await,
         Command::Demo { size_mib } => demo::run(&config, cli.output, size_mib).await,
-        Command::BlockServer { listen, data_dir } => {
+        Command::BlockServer {
+            listen,
+            data_dir,
+            metrics_listen,
+        } => {
             let mut c = config.block_server;
+            if metrics_listen.is_some() {
+                c.metrics_listen = metrics_listen;
+            }
             if let Some(l) = listen {
                 c.listen = l;
             }

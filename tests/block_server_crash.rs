@@ -29,7 +29,9 @@ fn start(dir: &std::path::Path) -> (Child, String) {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
     assert!(addr.starts_with("127.0.0.1:"), "{line:?}");
     (child, addr)
@@ -88,11 +90,31 @@ async fn kill_9_never_loses_an_acknowledged_flushed_write() {
             let o = oracle.get(&u).cloned().unwrap_or_default();
             let ok = std::iter::once(o.durable)
                 .chain(o.since.iter().copied())
-                .any(|t| if t == 0 { got.iter().all(|&b| b == 0) } else { got == content(u, t) });
-            assert!(ok, "cycle {cycle}: unit {u} holds neither its durable write {} nor a later one {:?}", o.durable, o.since);
+                .any(|t| {
+                    if t == 0 {
+                        got.iter().all(|&b| b == 0)
+                    } else {
+                        got == content(u, t)
+                    }
+                });
+            assert!(
+                ok,
+                "cycle {cycle}: unit {u} holds neither its durable write {} nor a later one {:?}",
+                o.durable, o.since
+            );
             // What is there now is what survived; it is the new durable state once flushed.
-            let now = if got.iter().all(|&b| b == 0) { 0 } else { u64::from_le_bytes(got[8..16].try_into().unwrap()) };
-            oracle.insert(u, UnitOracle { durable: now, since: vec![] });
+            let now = if got.iter().all(|&b| b == 0) {
+                0
+            } else {
+                u64::from_le_bytes(got[8..16].try_into().unwrap())
+            };
+            oracle.insert(
+                u,
+                UnitOracle {
+                    durable: now,
+                    since: vec![],
+                },
+            );
         }
         client.flush(&volume).await.unwrap();
 
@@ -107,13 +129,21 @@ async fn kill_9_never_loses_an_acknowledged_flushed_write() {
             let units = 1 + next() % 8;
             let first = next() % (UNITS - units + 1);
             tag += 1;
-            let data: Vec<u8> = (first..first + units).flat_map(|u| content(u, tag)).collect();
+            let data: Vec<u8> = (first..first + units)
+                .flat_map(|u| content(u, tag))
+                .collect();
             let fua = next() % 4 == 0;
-            let acked = client.write(&volume, first * SECTOR, Bytes::from(data), fua).await.is_ok();
+            let acked = client
+                .write(&volume, first * SECTOR, Bytes::from(data), fua)
+                .await
+                .is_ok();
             for u in first..first + units {
                 let o = oracle.entry(u).or_default();
                 if acked && fua {
-                    *o = UnitOracle { durable: tag, since: vec![] };
+                    *o = UnitOracle {
+                        durable: tag,
+                        since: vec![],
+                    };
                 } else {
                     // Unflushed, or cut off by the kill: it may or may not be there.
                     o.since.push(tag);
@@ -129,12 +159,18 @@ async fn kill_9_never_loses_an_acknowledged_flushed_write() {
                 }
                 for o in oracle.values_mut() {
                     if let Some(&last) = o.since.last() {
-                        *o = UnitOracle { durable: last, since: vec![] };
+                        *o = UnitOracle {
+                            durable: last,
+                            since: vec![],
+                        };
                     }
                 }
             }
         }
         killer.join().unwrap();
     }
-    assert!(total_acked > cycles * 10, "only {total_acked} writes acknowledged in {cycles} cycles");
+    assert!(
+        total_acked > cycles * 10,
+        "only {total_acked} writes acknowledged in {cycles} cycles"
+    );
 }

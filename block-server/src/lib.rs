@@ -6,12 +6,14 @@
 //! - [`volume`]: one volume: its sparse extent file, chunk state, pause gate, open mark and
 //!   copy-on-write area.
 //! - [`store`]: every volume of the server, startup recovery, and group-committed flush.
+//! - [`metrics`]: Prometheus counters and latency histograms, served at `/metrics`.
 //! - [`server`]: the TCP block protocol: handshake, pipelined requests, graceful shutdown.
 //!
 //! [`run`] serves a store on a listener until `shutdown` completes.
 
 pub mod config;
 pub mod meta;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod volume;
@@ -54,6 +56,17 @@ pub async fn run(
         .validate()
         .map_err(|e| BlockServerError::Config(e.to_string()))?;
     let store = std::sync::Arc::new(Store::open(&config)?);
+    let metrics = match &config.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await?;
+            tracing::info!(addr = %l.local_addr()?, "metrics at /metrics");
+            Some(tokio::spawn(metrics::serve(store.clone(), l)))
+        }
+        None => None,
+    };
     server::serve(store.clone(), &config, listener, shutdown).await;
+    if let Some(m) = metrics {
+        m.abort();
+    }
     store.close().await
 }

@@ -19,18 +19,12 @@ use blockfleet_core::units::CHUNK;
 
 use crate::config::BlockServerConfig;
 use crate::meta::{Meta, MetaError, VolumeRecord};
+use crate::metrics::{op_index, Metrics};
 use crate::volume::{op_err, OpError, Volume};
 use crate::BlockServerError;
 
 /// Largest volume a server accepts (64 TiB, as EBS).
 pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
-
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub fsyncs: AtomicU64,
-    pub flushes: AtomicU64,
-    pub marks: AtomicU64,
-}
 
 #[derive(Debug)]
 pub struct Store {
@@ -42,7 +36,7 @@ pub struct Store {
     flush_lock: tokio::sync::Mutex<()>,
     syncs_started: AtomicU64,
     syncs_done: AtomicU64,
-    pub counters: Counters,
+    pub metrics: Metrics,
 }
 
 fn meta_err(e: impl std::fmt::Display) -> OpError {
@@ -109,7 +103,7 @@ impl Store {
             flush_lock: tokio::sync::Mutex::new(()),
             syncs_started: AtomicU64::new(0),
             syncs_done: AtomicU64::new(0),
-            counters: Counters::default(),
+            metrics: Metrics::default(),
         })
     }
 
@@ -195,7 +189,7 @@ impl Store {
 
     /// Makes every write acknowledged so far durable, with their chunk state.
     pub async fn flush(&self) -> Result<(), OpError> {
-        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
         let arrival = self.syncs_started.load(Ordering::Acquire);
         let _turn = self.flush_lock.lock().await;
         if self.syncs_done.load(Ordering::Acquire) > arrival {
@@ -218,13 +212,44 @@ impl Store {
         })
         .await
         .map_err(meta_err)??;
-        self.counters.fsyncs.fetch_add(synced, Ordering::Relaxed);
+        self.metrics.fsyncs.fetch_add(synced, Ordering::Relaxed);
         self.syncs_done.store(n, Ordering::Release);
         Ok(())
     }
 
-    /// Serves one request.
+    pub fn volume_count(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Serves one request, recording it in the metrics.
     pub async fn handle(&self, req: Request) -> Result<Response, OpError> {
+        let op = op_index(&req);
+        let written = match &req {
+            Request::Write { data, .. } | Request::WriteIfUnwritten { data, .. } => {
+                data.len() as u64
+            }
+            _ => 0,
+        };
+        let started = std::time::Instant::now();
+        let result = self.dispatch(req).await;
+        self.metrics.record(op, result.is_ok(), started.elapsed());
+        match &result {
+            Ok(Response::Data(d)) => {
+                self.metrics
+                    .bytes_read
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+            Ok(_) => {
+                self.metrics
+                    .bytes_written
+                    .fetch_add(written, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn dispatch(&self, req: Request) -> Result<Response, OpError> {
         Ok(match req {
             Request::CreateVolume {
                 volume,
@@ -283,7 +308,7 @@ impl Store {
                 let id = vol
                     .mark(|rec| meta.put_volume(&volume, &rec).map_err(meta_err))
                     .await?;
-                self.counters.marks.fetch_add(1, Ordering::Relaxed);
+                self.metrics.marks.fetch_add(1, Ordering::Relaxed);
                 Response::MarkId(id)
             }
             Request::Resume { volume } => {

@@ -466,11 +466,11 @@ async fn group_commit_shares_fsyncs() {
     });
     futures::future::join_all(ops).await;
     let flushes = store
-        .counters
+        .metrics
         .flushes
         .load(std::sync::atomic::Ordering::Relaxed);
     let fsyncs = store
-        .counters
+        .metrics
         .fsyncs
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(flushes, 64);
@@ -551,4 +551,49 @@ async fn random_bytes_do_not_disturb_the_server() {
     assert_eq!(good.read(&v, 0, CHUNK as u32).await.unwrap(), before);
     let fresh = s.client().await;
     assert_eq!(fresh.read(&v, 0, CHUNK as u32).await.unwrap(), before);
+}
+
+#[tokio::test]
+async fn metrics_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = BlockServerConfig {
+        data_dir: dir.path().join("bs"),
+        metrics_listen: Some(format!("127.0.0.1:{port}")),
+        ..Default::default()
+    };
+    let s = Server::start_with(config).await;
+    let c = s.client().await;
+    let v = vol();
+    c.create_volume(&v, CHUNK, false).await.unwrap();
+    c.write(&v, 0, Bytes::from(pattern(0, 1)), true)
+        .await
+        .unwrap();
+    let _ = c.read(&v, CHUNK, SECTOR as u32).await; // out of range: an error
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    raw.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    raw.read_to_string(&mut text).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for want in [
+        "blockfleet_bs_requests_total{op=\"write\"} 1",
+        "blockfleet_bs_request_errors_total{op=\"read\"} 1",
+        "blockfleet_bs_written_bytes_total 4096",
+        "blockfleet_bs_request_seconds_count{op=\"write\"} 1",
+        "blockfleet_bs_volumes 1",
+    ] {
+        assert!(text.contains(want), "missing {want}");
+    }
+    assert!(
+        !text.contains("blockfleet_bs_fsyncs_total 0\n"),
+        "a FUA write made no fsync"
+    );
 }

@@ -289,6 +289,9 @@ pub struct BlockServerConfig {
     /// Requests one connection may have in flight; more wait (backpressure).
     #[serde(default = "default_inflight")]
     pub max_inflight_per_connection: usize,
+    /// Where to serve Prometheus `/metrics`; none if absent.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -311,6 +314,7 @@ impl Default for BlockServerConfig {
             data_dir: default_data_dir(),
             pause_timeout_ms: default_pause_timeout_ms(),
             max_inflight_per_connection: default_inflight(),
+            metrics_listen: None,
         }
     }
 }
