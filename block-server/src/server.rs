@@ -15,8 +15,7 @@ use blockfleet_core::blockproto::wire::{
 };
 use blockfleet_core::blockproto::{ErrorCode, Request, PROTOCOL_VERSION};
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -31,7 +30,7 @@ enum FrameError {
     Fatal(String),
 }
 
-async fn read_frame(r: &mut OwnedReadHalf) -> Result<Vec<u8>, FrameError> {
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, FrameError> {
     let len = match r.read_u32_le().await {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
@@ -97,8 +96,10 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
     max_inflight: usize,
 ) -> Result<(), String> {
-    let (mut r, w) = stream.into_split();
-    let mut w = BufWriter::new(w);
+    let (r, w) = stream.into_split();
+    // Buffered both ways: pipelined requests and replies share syscalls.
+    let mut r = BufReader::with_capacity(256 * 1024, r);
+    let mut w = BufWriter::with_capacity(256 * 1024, w);
 
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut r))
         .await

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::wire::{
     check_frame_len, decode_hello, decode_response, encode_hello, ChunkInfo, ErrorCode, Request,
@@ -88,17 +88,20 @@ impl Shared {
 #[derive(Debug)]
 pub struct BlockClient {
     shared: Arc<Shared>,
-    writer: tokio::sync::Mutex<BufWriter<OwnedWriteHalf>>,
+    /// Frames to send; one writer task batches whatever is queued into one syscall.
+    outgoing: mpsc::UnboundedSender<Bytes>,
     reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for BlockClient {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
     }
 }
 
-async fn read_frame(r: &mut OwnedReadHalf) -> Result<Vec<u8>, String> {
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, String> {
     let len = r.read_u32_le().await.map_err(|e| e.to_string())?;
     let len = check_frame_len(len).map_err(|e| e.to_string())?;
     let mut body = vec![0u8; len];
@@ -145,15 +148,42 @@ impl BlockClient {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(Ok(HashMap::new())),
         });
-        let reader = tokio::spawn(Self::read_loop(Arc::clone(&shared), r));
+        let reader = tokio::spawn(Self::read_loop(
+            Arc::clone(&shared),
+            BufReader::with_capacity(256 * 1024, r),
+        ));
+        let (outgoing, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(Self::write_loop(
+            Arc::clone(&shared),
+            BufWriter::with_capacity(256 * 1024, w),
+            rx,
+        ));
         Ok(BlockClient {
             shared,
-            writer: tokio::sync::Mutex::new(BufWriter::new(w)),
+            outgoing,
             reader,
+            writer,
         })
     }
 
-    async fn read_loop(shared: Arc<Shared>, mut r: OwnedReadHalf) {
+    async fn write_loop(
+        shared: Arc<Shared>,
+        mut w: BufWriter<OwnedWriteHalf>,
+        mut rx: mpsc::UnboundedReceiver<Bytes>,
+    ) {
+        while let Some(frame) = rx.recv().await {
+            let mut result = w.write_all(&frame).await;
+            if result.is_ok() && rx.is_empty() {
+                result = w.flush().await;
+            }
+            if let Err(e) = result {
+                shared.close(e.to_string());
+                return;
+            }
+        }
+    }
+
+    async fn read_loop(shared: Arc<Shared>, mut r: BufReader<tokio::net::tcp::OwnedReadHalf>) {
         let reason = loop {
             let body = match read_frame(&mut r).await {
                 Ok(b) => b,
@@ -185,16 +215,8 @@ impl BlockClient {
             }
             Err(reason) => return Err(self.shared.lost(reason.clone())),
         }
-        let frame = req.encode(id);
-        let sent = {
-            let mut w = self.writer.lock().await;
-            match w.write_all(&frame).await {
-                Ok(()) => w.flush().await,
-                Err(e) => Err(e),
-            }
-        };
-        if let Err(e) = sent {
-            self.shared.close(e.to_string());
+        if self.outgoing.send(req.encode(id)).is_err() {
+            self.shared.close("writer stopped".into());
         }
         rx.await
             .unwrap_or_else(|_| Err(self.shared.lost("reply channel closed".into())))
