@@ -176,8 +176,14 @@ fn main() {
     // Lay the file out first (sequential write), so reads read real, cached blocks.
     let peer = |rw: &str, bs: &str, qd, direct| fio(&raw, rw, bs, qd, direct);
     let (fsw, fsr) = (peer("write", "1m", 4, true), peer("read", "1m", 4, true));
-    let (frw, frr) = (peer("randwrite", "4k", QD, true), peer("randread", "4k", QD, true));
-    let (brw, brr) = (peer("randwrite", "4k", QD, false), peer("randread", "4k", QD, false));
+    let (frw, frr) = (
+        peer("randwrite", "4k", QD, true),
+        peer("randread", "4k", QD, true),
+    );
+    let (brw, brr) = (
+        peer("randwrite", "4k", QD, false),
+        peer("randread", "4k", QD, false),
+    );
     if frr.is_none() {
         println!("fio: not available (apt-get install fio); printing blockfleet figures only");
     }
@@ -192,15 +198,59 @@ fn main() {
             }
         }
     };
-    show("fio_randread_4k_qd32", "fio randread 4k qd32 (direct)", frr, false);
-    line("bs_randread_4k_qd32", "block server randread 4k qd32", rr, "IOPS", frr.map(|p| p.0));
-    show("fio_randwrite_4k_qd32", "fio randwrite 4k qd32 (direct)", frw, false);
-    line("bs_randwrite_4k_qd32", "block server randwrite 4k qd32", rw, "IOPS", frw.map(|p| p.0));
+    show(
+        "fio_randread_4k_qd32",
+        "fio randread 4k qd32 (direct)",
+        frr,
+        false,
+    );
+    line(
+        "bs_randread_4k_qd32",
+        "block server randread 4k qd32",
+        rr,
+        "IOPS",
+        frr.map(|p| p.0),
+    );
+    show(
+        "fio_randwrite_4k_qd32",
+        "fio randwrite 4k qd32 (direct)",
+        frw,
+        false,
+    );
+    line(
+        "bs_randwrite_4k_qd32",
+        "block server randwrite 4k qd32",
+        rw,
+        "IOPS",
+        frw.map(|p| p.0),
+    );
     show("fio_seqread_1m", "fio read 1m qd4 (direct)", fsr, true);
-    line("bs_seqread_1m", "block server read 1m qd4", sr * 1.048576, "MB/s", fsr.map(|p| p.1 / 1e6));
+    line(
+        "bs_seqread_1m",
+        "block server read 1m qd4",
+        sr * 1.048576,
+        "MB/s",
+        fsr.map(|p| p.1 / 1e6),
+    );
     show("fio_seqwrite_1m", "fio write 1m qd4 (direct)", fsw, true);
-    line("bs_seqwrite_1m", "block server write 1m qd4", sw * 1.048576, "MB/s", fsw.map(|p| p.1 / 1e6));
+    line(
+        "bs_seqwrite_1m",
+        "block server write 1m qd4",
+        sw * 1.048576,
+        "MB/s",
+        fsw.map(|p| p.1 / 1e6),
+    );
     println!("context: fio buffered, warm page cache (no network, no protocol)");
-    show("fio_buffered_randread_4k_qd32", "fio randread 4k qd32 (buffered)", brr, false);
-    show("fio_buffered_randwrite_4k_qd32", "fio randwrite 4k qd32 (buffered)", brw, false);
+    show(
+        "fio_buffered_randread_4k_qd32",
+        "fio randread 4k qd32 (buffered)",
+        brr,
+        false,
+    );
+    show(
+        "fio_buffered_randwrite_4k_qd32",
+        "fio randwrite 4k qd32 (buffered)",
+        brw,
+        false,
+    );
 }

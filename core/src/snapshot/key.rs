@@ -36,6 +36,11 @@ impl ManifestKey {
         ManifestKey(k)
     }
 
+    /// A key from raw bytes (tests and fuzzing; real keys come from `load_or_create`).
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        ManifestKey(bytes)
+    }
+
     pub(crate) fn expose_secret(&self) -> &[u8; KEY_LEN] {
         &self.0
     }

@@ -5,6 +5,7 @@
 //! Both backends make `put` atomic: a reader sees no object or the whole object, never part of it.
 
 mod local;
+#[cfg(feature = "s3")]
 mod s3;
 
 use std::fmt;
@@ -15,6 +16,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 pub use local::LocalStore;
+#[cfg(feature = "s3")]
 pub use s3::S3Store;
 
 use crate::config::StoreConfig;
@@ -83,7 +85,15 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
 pub async fn open(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
     let store: Arc<dyn ObjectStore> = match config {
         StoreConfig::Local(c) => Arc::new(LocalStore::open(&c.path)?),
+        #[cfg(feature = "s3")]
         StoreConfig::S3(c) => Arc::new(S3Store::connect(c).await),
+        #[cfg(not(feature = "s3"))]
+        StoreConfig::S3(_) => {
+            return Err(StoreError::Unreachable {
+                store: "s3".into(),
+                reason: "this build has no S3 support (feature `s3`)".into(),
+            })
+        }
     };
     store.check().await?;
     Ok(store)
