@@ -30,18 +30,26 @@ enum FrameError {
     Fatal(String),
 }
 
-async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, FrameError> {
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Bytes, FrameError> {
     let len = match r.read_u32_le().await {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
         Err(e) => return Err(FrameError::Fatal(e.to_string())),
     };
     let len = check_frame_len(len).map_err(|e| FrameError::Fatal(e.to_string()))?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)
+    // Read into spare capacity (no zeroing of up to 8 MiB first).
+    let mut body = Vec::with_capacity(len);
+    let got = (&mut *r)
+        .take(len as u64)
+        .read_to_end(&mut body)
         .await
-        .map_err(|e| FrameError::Fatal(format!("truncated frame: {e}")))?;
-    Ok(body)
+        .map_err(|e| FrameError::Fatal(e.to_string()))?;
+    if got != len {
+        return Err(FrameError::Fatal(format!(
+            "truncated frame: {got} of {len} bytes"
+        )));
+    }
+    Ok(Bytes::from(body))
 }
 
 fn decode_error_code(e: &DecodeError) -> ErrorCode {
@@ -155,7 +163,7 @@ async fn connection(
             Err(FrameError::Closed) => break Ok(()),
             Err(FrameError::Fatal(e)) => break Err(e),
         };
-        let (id, decoded) = Request::decode(&body);
+        let (id, decoded) = Request::decode_bytes(&body);
         let Some(id) = id else {
             break Err("frame too short for a request id".to_owned());
         };

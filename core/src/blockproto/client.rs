@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::wire::{
-    check_frame_len, decode_hello, decode_response, encode_hello, ChunkInfo, ErrorCode, Request,
-    Response, VolumeStat, PROTOCOL_VERSION,
+    check_frame_len, decode_hello, decode_response, decode_response_bytes, encode_hello, ChunkInfo,
+    ErrorCode, Request, Response, VolumeStat, PROTOCOL_VERSION,
 };
 use crate::ids::VolumeId;
 
@@ -89,7 +89,7 @@ impl Shared {
 pub struct BlockClient {
     shared: Arc<Shared>,
     /// Frames to send; one writer task batches whatever is queued into one syscall.
-    outgoing: mpsc::UnboundedSender<Bytes>,
+    outgoing: mpsc::UnboundedSender<(Bytes, Option<Bytes>)>,
     reader: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
 }
@@ -101,12 +101,19 @@ impl Drop for BlockClient {
     }
 }
 
-async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, String> {
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Bytes, String> {
     let len = r.read_u32_le().await.map_err(|e| e.to_string())?;
     let len = check_frame_len(len).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-    Ok(body)
+    let mut body = Vec::with_capacity(len);
+    let got = (&mut *r)
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    if got != len {
+        return Err(format!("truncated frame: {got} of {len} bytes"));
+    }
+    Ok(Bytes::from(body))
 }
 
 impl BlockClient {
@@ -169,10 +176,13 @@ impl BlockClient {
     async fn write_loop(
         shared: Arc<Shared>,
         mut w: BufWriter<OwnedWriteHalf>,
-        mut rx: mpsc::UnboundedReceiver<Bytes>,
+        mut rx: mpsc::UnboundedReceiver<(Bytes, Option<Bytes>)>,
     ) {
-        while let Some(frame) = rx.recv().await {
-            let mut result = w.write_all(&frame).await;
+        while let Some((head, payload)) = rx.recv().await {
+            let mut result = w.write_all(&head).await;
+            if let (Ok(()), Some(p)) = (&result, payload) {
+                result = w.write_all(&p).await;
+            }
             if result.is_ok() && rx.is_empty() {
                 result = w.flush().await;
             }
@@ -189,7 +199,7 @@ impl BlockClient {
                 Ok(b) => b,
                 Err(e) => break e,
             };
-            let (id, result) = match decode_response(&body) {
+            let (id, result) = match decode_response_bytes(&body) {
                 Ok(x) => x,
                 Err(e) => break format!("undecodable reply: {e}"),
             };
@@ -215,7 +225,7 @@ impl BlockClient {
             }
             Err(reason) => return Err(self.shared.lost(reason.clone())),
         }
-        if self.outgoing.send(req.encode(id)).is_err() {
+        if self.outgoing.send(req.encode_parts(id)).is_err() {
             self.shared.close("writer stopped".into());
         }
         rx.await

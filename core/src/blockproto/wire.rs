@@ -216,10 +216,15 @@ mod reply {
     pub const CHUNKS: u8 = 8;
 }
 
-/// Reads fields off a frame body, turning a short body into `Truncated`.
-struct Reader<'a>(&'a [u8]);
+/// Reads fields off a frame body, turning a short body into `Truncated`. With the body as
+/// `Bytes` (`origin`), data fields are zero-copy slices of it.
+struct Reader<'a>(&'a [u8], Option<&'a Bytes>);
 
 impl<'a> Reader<'a> {
+    fn new(body: &'a [u8]) -> Self {
+        Reader(body, None)
+    }
+
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         if self.0.len() < n {
             Err(DecodeError::Truncated {
@@ -282,7 +287,12 @@ impl<'a> Reader<'a> {
         if len > MAX_IO {
             return Err(DecodeError::TooLarge(len));
         }
-        Ok(Bytes::copy_from_slice(self.bytes(len as usize)?))
+        let origin = self.1;
+        let raw = self.bytes(len as usize)?;
+        Ok(match origin {
+            Some(o) => o.slice_ref(raw),
+            None => Bytes::copy_from_slice(raw),
+        })
     }
     fn end(self) -> Result<(), DecodeError> {
         match self.0.len() {
@@ -334,7 +344,7 @@ pub fn encode_hello(version: u16) -> Bytes {
 
 /// Decodes a hello body into its version.
 pub fn decode_hello(body: &[u8]) -> Result<u16, DecodeError> {
-    let mut r = Reader(body);
+    let mut r = Reader::new(body);
     if r.bytes(8)? != MAGIC {
         return Err(DecodeError::BadField {
             field: "magic",
@@ -349,6 +359,39 @@ pub fn decode_hello(body: &[u8]) -> Result<u16, DecodeError> {
 impl Request {
     /// Encodes the request as a whole frame.
     pub fn encode(&self, id: u64) -> Bytes {
+        let (head, payload) = self.encode_parts(id);
+        match payload {
+            None => head,
+            Some(p) => {
+                let mut b = BytesMut::with_capacity(head.len() + p.len());
+                b.extend_from_slice(&head);
+                b.extend_from_slice(&p);
+                b.freeze()
+            }
+        }
+    }
+
+    /// Encodes the request as a frame whose trailing data payload (of Write and
+    /// WriteIfUnwritten) is a separate buffer, so large writes are sent without a copy.
+    pub fn encode_parts(&self, id: u64) -> (Bytes, Option<Bytes>) {
+        let payload = match self {
+            Request::Write { data, .. } | Request::WriteIfUnwritten { data, .. } => {
+                Some(data.clone())
+            }
+            _ => None,
+        };
+        let head = self.encode_head(id);
+        // The length prefix covers the payload too.
+        let mut framed = BytesMut::with_capacity(4 + head.len());
+        let total = head.len() + payload.as_ref().map_or(0, |p| p.len());
+        framed.put_u32_le(total as u32);
+        framed.extend_from_slice(&head);
+        (framed.freeze(), payload)
+    }
+
+    /// The body without its length prefix; a data payload is left for the caller to append
+    /// (its u32 length is included here).
+    fn encode_head(&self, id: u64) -> BytesMut {
         let mut b = BytesMut::with_capacity(64);
         b.put_u64_le(id);
         match self {
@@ -390,7 +433,7 @@ impl Request {
                 put_volume(&mut b, volume);
                 b.put_u64_le(*offset);
                 b.put_u8(u8::from(*fua));
-                put_data(&mut b, data);
+                b.put_u32_le(data.len() as u32);
             }
             Request::Flush { volume } => {
                 b.put_u8(op::FLUSH);
@@ -404,7 +447,7 @@ impl Request {
                 b.put_u8(op::WRITE_IF_UNWRITTEN);
                 put_volume(&mut b, volume);
                 b.put_u64_le(*chunk);
-                put_data(&mut b, data);
+                b.put_u32_le(data.len() as u32);
             }
             Request::ChunkState { volume, chunk } => {
                 b.put_u8(op::CHUNK_STATE);
@@ -449,13 +492,21 @@ impl Request {
                 b.put_u64_le(*mark);
             }
         }
-        frame(b)
+        b
     }
 
     /// Decodes a request body. The request id is returned whenever it could be read, so an
     /// error reply can name it; `None` means the frame was too short to hold one.
     pub fn decode(body: &[u8]) -> (Option<u64>, Result<Request, DecodeError>) {
-        let mut r = Reader(body);
+        Self::decode_from(Reader::new(body))
+    }
+
+    /// As [`Request::decode`], with written data as zero-copy slices of `body`.
+    pub fn decode_bytes(body: &Bytes) -> (Option<u64>, Result<Request, DecodeError>) {
+        Self::decode_from(Reader(body, Some(body)))
+    }
+
+    fn decode_from(mut r: Reader<'_>) -> (Option<u64>, Result<Request, DecodeError>) {
         let Ok(id) = r.u64() else {
             return (None, Err(DecodeError::Truncated { needed: 8 }));
         };
@@ -590,7 +641,15 @@ pub type DecodedResponse = (u64, Result<Response, (ErrorCode, String)>);
 
 /// Decodes a reply body.
 pub fn decode_response(body: &[u8]) -> Result<DecodedResponse, DecodeError> {
-    let mut r = Reader(body);
+    decode_response_from(Reader::new(body))
+}
+
+/// As [`decode_response`], with read data as zero-copy slices of `body`.
+pub fn decode_response_bytes(body: &Bytes) -> Result<DecodedResponse, DecodeError> {
+    decode_response_from(Reader(body, Some(body)))
+}
+
+fn decode_response_from(mut r: Reader<'_>) -> Result<DecodedResponse, DecodeError> {
     let id = r.u64()?;
     let status = r.u8()?;
     if status != 0 {
@@ -708,6 +767,9 @@ mod tests {
                 body.len()
             );
             assert_eq!(Request::decode(body), (Some(i as u64), Ok(req.clone())));
+            assert_eq!(Request::decode_bytes(&frame.slice(4..)), (Some(i as u64), Ok(req.clone())));
+            let (head, payload) = req.encode_parts(i as u64);
+            assert_eq!([&head[..], payload.as_deref().unwrap_or_default()].concat(), frame.to_vec());
             for cut in 0..body.len() {
                 assert!(
                     Request::decode(&body[..cut]).1.is_err(),
@@ -749,6 +811,7 @@ mod tests {
         for (i, c) in cases.into_iter().enumerate() {
             let f = encode_response(i as u64, &c);
             assert_eq!(decode_response(&f[4..]), Ok((i as u64, c.clone())));
+            assert_eq!(decode_response_bytes(&f.slice(4..)), Ok((i as u64, c.clone())));
             for cut in 0..f.len() - 4 {
                 assert!(decode_response(&f[4..4 + cut]).is_err());
             }
