@@ -233,6 +233,13 @@ impl Store {
         let started = std::time::Instant::now();
         let result = self.dispatch(req).await;
         self.metrics.record(op, result.is_ok(), started.elapsed());
+        if let Err(e) = &result {
+            let op = crate::metrics::OPS[op];
+            match e.code {
+                ErrorCode::Io => tracing::warn!(op, error = %e, "request failed"),
+                _ => tracing::debug!(op, code = ?e.code, error = %e, "request refused"),
+            }
+        }
         match &result {
             Ok(Response::Data(d)) => {
                 self.metrics

@@ -767,9 +767,15 @@ mod tests {
                 body.len()
             );
             assert_eq!(Request::decode(body), (Some(i as u64), Ok(req.clone())));
-            assert_eq!(Request::decode_bytes(&frame.slice(4..)), (Some(i as u64), Ok(req.clone())));
+            assert_eq!(
+                Request::decode_bytes(&frame.slice(4..)),
+                (Some(i as u64), Ok(req.clone()))
+            );
             let (head, payload) = req.encode_parts(i as u64);
-            assert_eq!([&head[..], payload.as_deref().unwrap_or_default()].concat(), frame.to_vec());
+            assert_eq!(
+                [&head[..], payload.as_deref().unwrap_or_default()].concat(),
+                frame.to_vec()
+            );
             for cut in 0..body.len() {
                 assert!(
                     Request::decode(&body[..cut]).1.is_err(),
@@ -811,7 +817,10 @@ mod tests {
         for (i, c) in cases.into_iter().enumerate() {
             let f = encode_response(i as u64, &c);
             assert_eq!(decode_response(&f[4..]), Ok((i as u64, c.clone())));
-            assert_eq!(decode_response_bytes(&f.slice(4..)), Ok((i as u64, c.clone())));
+            assert_eq!(
+                decode_response_bytes(&f.slice(4..)),
+                Ok((i as u64, c.clone()))
+            );
             for cut in 0..f.len() - 4 {
                 assert!(decode_response(&f[4..4 + cut]).is_err());
             }
