@@ -7,12 +7,14 @@
 //! - [`snapshot`]: the snapshot format: content-addressed chunks, the MAC'd manifest, the manifest key.
 //! - [`store`]: the object-store trait with its local-directory and S3 backends.
 //! - [`config`]: the TOML configuration shared by the binary and the services.
+//! - [`sigv4`]: AWS SigV4 request verification for the AWS-shaped APIs blockfleet serves.
 //! - [`fsutil`]: crash-safe file writes (temp file, fsync, rename, fsync directory).
 
 pub mod blockproto;
 pub mod config;
 pub mod crypto;
 pub mod fsutil;
+pub mod sigv4;
 pub mod ids;
 pub mod snapshot;
 pub mod store;
