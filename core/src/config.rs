@@ -39,6 +39,12 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     #[serde(default)]
     pub block_server: BlockServerConfig,
+    /// How this process reaches a KMS (the embedded one or any AWS KMS API).
+    #[serde(default)]
+    pub kms: KmsClientConfig,
+    /// The embedded KMS server (`blockfleet kms`).
+    #[serde(default)]
+    pub kms_server: KmsServerConfig,
 }
 
 impl Config {
@@ -59,7 +65,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.store.validate()?;
         self.snapshot.validate()?;
-        self.block_server.validate()
+        self.block_server.validate()?;
+        self.kms.validate()?;
+        self.kms_server.validate()
     }
 }
 
@@ -335,6 +343,139 @@ impl BlockServerConfig {
                 "block_server.max_inflight_per_connection",
                 "must be 1 to 4096",
             ));
+        }
+        Ok(())
+    }
+}
+
+/// The `[kms]` section: how a component reaches the KMS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsClientConfig {
+    /// `http(s)://host:port` of the KMS; absent for AWS KMS itself.
+    #[serde(default = "default_kms_endpoint")]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_kms_region")]
+    pub region: String,
+    /// This component's credentials; both or neither (then the usual AWS chain).
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+}
+
+fn default_kms_endpoint() -> Option<String> {
+    Some("http://127.0.0.1:7300".into())
+}
+fn default_kms_region() -> String {
+    "local".into()
+}
+
+impl Default for KmsClientConfig {
+    fn default() -> Self {
+        KmsClientConfig {
+            endpoint: default_kms_endpoint(),
+            region: default_kms_region(),
+            access_key_id: None,
+            secret_access_key: None,
+        }
+    }
+}
+
+impl KmsClientConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(e) = &self.endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(invalid("kms.endpoint", format!("{e:?} is not an http:// or https:// URL")));
+            }
+        }
+        if self.region.is_empty() {
+            return Err(invalid("kms.region", "must not be empty"));
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(invalid("kms.access_key_id", "access_key_id and secret_access_key go together"));
+        }
+        Ok(())
+    }
+}
+
+/// What a KMS principal may do (DESIGN.md, keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KmsRole {
+    /// Creates keys, generates wrapped data keys, creates and retires grants; never decrypts.
+    ControlPlane,
+    /// Decrypts data keys (to write volumes).
+    Transform,
+    /// Decrypts a volume's data key only under a live grant naming it.
+    HostAgent,
+    /// May do nothing.
+    BlockServer,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsPrincipal {
+    /// The name grants use as grantee (e.g. `host-i-0123456789abcdef0`).
+    pub name: String,
+    pub role: KmsRole,
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+}
+
+/// The `[kms_server]` section: the embedded KMS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsServerConfig {
+    #[serde(default = "default_kms_listen")]
+    pub listen: String,
+    /// Master keys and grants (sled).
+    #[serde(default = "default_kms_data_dir")]
+    pub data_dir: PathBuf,
+    /// Seals the master keys; created mode 0600 on first start, refused if wider.
+    #[serde(default = "default_root_key_file")]
+    pub root_key_file: PathBuf,
+    #[serde(default = "default_kms_region")]
+    pub region: String,
+    #[serde(default)]
+    pub principals: Vec<KmsPrincipal>,
+}
+
+fn default_kms_listen() -> String {
+    "127.0.0.1:7300".into()
+}
+fn default_kms_data_dir() -> PathBuf {
+    PathBuf::from("blockfleet-data/kms")
+}
+fn default_root_key_file() -> PathBuf {
+    PathBuf::from("blockfleet-data/kms-root.key")
+}
+
+impl Default for KmsServerConfig {
+    fn default() -> Self {
+        KmsServerConfig {
+            listen: default_kms_listen(),
+            data_dir: default_kms_data_dir(),
+            root_key_file: default_root_key_file(),
+            region: default_kms_region(),
+            principals: Vec::new(),
+        }
+    }
+}
+
+impl KmsServerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.principals {
+            if p.name.is_empty() || p.access_key_id.len() < 4 || p.secret_access_key.expose().len() < 8 {
+                return Err(invalid(
+                    "kms_server.principals",
+                    format!("principal {:?}: name, access_key_id (4+) and secret_access_key (8+) are required", p.name),
+                ));
+            }
+            if !seen.insert(p.access_key_id.as_str()) {
+                return Err(invalid("kms_server.principals", format!("access key {} is listed twice", p.access_key_id)));
+            }
         }
         Ok(())
     }

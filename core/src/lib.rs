@@ -4,6 +4,7 @@
 //! - [`units`]: sector and chunk sizes, offset and range arithmetic with overflow and alignment checks.
 //! - [`ids`]: AWS-shaped volume, snapshot and instance ids, and KMS key ids.
 //! - [`crypto`]: AES-256-XTS over 4096-byte data units and the zeroizing key type.
+//! - [`kms`]: the KMS client (any AWS KMS API) for envelope encryption, and the key cache.
 //! - [`snapshot`]: the snapshot format: content-addressed chunks, the MAC'd manifest, the manifest key.
 //! - [`store`]: the object-store trait with its local-directory and S3 backends.
 //! - [`config`]: the TOML configuration shared by the binary and the services.
@@ -16,6 +17,8 @@ pub mod crypto;
 pub mod fsutil;
 pub mod sigv4;
 pub mod ids;
+#[cfg(feature = "kms")]
+pub mod kms;
 pub mod snapshot;
 pub mod store;
 pub mod units;
