@@ -386,14 +386,20 @@ impl KmsClientConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(e) = &self.endpoint {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(invalid("kms.endpoint", format!("{e:?} is not an http:// or https:// URL")));
+                return Err(invalid(
+                    "kms.endpoint",
+                    format!("{e:?} is not an http:// or https:// URL"),
+                ));
             }
         }
         if self.region.is_empty() {
             return Err(invalid("kms.region", "must not be empty"));
         }
         if self.access_key_id.is_some() != self.secret_access_key.is_some() {
-            return Err(invalid("kms.access_key_id", "access_key_id and secret_access_key go together"));
+            return Err(invalid(
+                "kms.access_key_id",
+                "access_key_id and secret_access_key go together",
+            ));
         }
         Ok(())
     }
@@ -467,14 +473,20 @@ impl KmsServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::HashSet::new();
         for p in &self.principals {
-            if p.name.is_empty() || p.access_key_id.len() < 4 || p.secret_access_key.expose().len() < 8 {
+            if p.name.is_empty()
+                || p.access_key_id.len() < 4
+                || p.secret_access_key.expose().len() < 8
+            {
                 return Err(invalid(
                     "kms_server.principals",
                     format!("principal {:?}: name, access_key_id (4+) and secret_access_key (8+) are required", p.name),
                 ));
             }
             if !seen.insert(p.access_key_id.as_str()) {
-                return Err(invalid("kms_server.principals", format!("access key {} is listed twice", p.access_key_id)));
+                return Err(invalid(
+                    "kms_server.principals",
+                    format!("access key {} is listed twice", p.access_key_id),
+                ));
             }
         }
         Ok(())

@@ -15,10 +15,10 @@ pub mod blockproto;
 pub mod config;
 pub mod crypto;
 pub mod fsutil;
-pub mod sigv4;
 pub mod ids;
 #[cfg(feature = "kms")]
 pub mod kms;
+pub mod sigv4;
 pub mod snapshot;
 pub mod store;
 pub mod units;

@@ -61,12 +61,23 @@ fn parse_amz_date(s: &str) -> Option<SystemTime> {
         return None;
     }
     let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<u64>().ok();
-    let (y, mo, d, h, mi, se) = (n(0..4)?, n(4..6)?, n(6..8)?, n(9..11)?, n(11..13)?, n(13..15)?);
+    let (y, mo, d, h, mi, se) = (
+        n(0..4)?,
+        n(4..6)?,
+        n(6..8)?,
+        n(9..11)?,
+        n(11..13)?,
+        n(13..15)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
         return None;
     }
     // Days from civil (proleptic Gregorian), Howard Hinnant's algorithm.
-    let (y, m) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let (y, m) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
     let era = y / 400;
     let yoe = y - era * 400;
     let doy = (153 * m + 2) / 5 + d - 1;
@@ -89,13 +100,17 @@ pub fn verify(
     secret_for: impl Fn(&str) -> Option<String>,
 ) -> Result<Caller, SigV4Error> {
     let malformed = |m: &str| SigV4Error::Malformed(m.to_owned());
-    let auth = header(req.headers, "authorization").ok_or_else(|| malformed("no Authorization header"))?;
+    let auth =
+        header(req.headers, "authorization").ok_or_else(|| malformed("no Authorization header"))?;
     let rest = auth
         .strip_prefix(ALGORITHM)
         .ok_or_else(|| malformed("algorithm is not AWS4-HMAC-SHA256"))?;
     let (mut credential, mut signed_headers, mut signature) = (None, None, None);
     for part in rest.split(',') {
-        let (k, v) = part.trim().split_once('=').ok_or_else(|| malformed("bad field"))?;
+        let (k, v) = part
+            .trim()
+            .split_once('=')
+            .ok_or_else(|| malformed("bad field"))?;
         match k {
             "Credential" => credential = Some(v),
             "SignedHeaders" => signed_headers = Some(v),
@@ -136,7 +151,11 @@ pub fn verify(
         if *name == "x-amz-date" {
             continue; // aws-sigv4 inserts it from the signing time
         }
-        for (n, v) in req.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        for (n, v) in req
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
             signed.push((n.as_str(), v.as_str()));
         }
     }
@@ -179,7 +198,10 @@ mod tests {
     #[test]
     fn amz_dates() {
         let t = parse_amz_date("20150830T123600Z").unwrap();
-        assert_eq!(t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(), 1_440_938_160);
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_440_938_160
+        );
         assert!(parse_amz_date("2015-08-30T12:36:00Z").is_none());
         assert!(parse_amz_date("20151330T123600Z").is_none());
     }
@@ -203,14 +225,31 @@ mod tests {
             body: b"",
         };
         let now = parse_amz_date("20150830T123900Z").unwrap();
-        let secret = |k: &str| (k == "AKIDEXAMPLE").then(|| "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".to_owned());
-        assert_eq!(verify(&req, "iam", now, secret).unwrap().access_key_id, "AKIDEXAMPLE");
-        assert_eq!(verify(&req, "iam", now, |_| Some("wrong".into())), Err(SigV4Error::BadSignature));
-        assert_eq!(verify(&req, "iam", now, |_| None), Err(SigV4Error::UnknownAccessKey));
-        assert!(matches!(verify(&req, "kms", now, secret), Err(SigV4Error::WrongService { .. })));
+        let secret = |k: &str| {
+            (k == "AKIDEXAMPLE").then(|| "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".to_owned())
+        };
+        assert_eq!(
+            verify(&req, "iam", now, secret).unwrap().access_key_id,
+            "AKIDEXAMPLE"
+        );
+        assert_eq!(
+            verify(&req, "iam", now, |_| Some("wrong".into())),
+            Err(SigV4Error::BadSignature)
+        );
+        assert_eq!(
+            verify(&req, "iam", now, |_| None),
+            Err(SigV4Error::UnknownAccessKey)
+        );
+        assert!(matches!(
+            verify(&req, "kms", now, secret),
+            Err(SigV4Error::WrongService { .. })
+        ));
         let late = now + Duration::from_secs(3600);
         assert_eq!(verify(&req, "iam", late, secret), Err(SigV4Error::Expired));
         let body_changed = Received { body: b"x", ..req };
-        assert_eq!(verify(&body_changed, "iam", now, secret), Err(SigV4Error::BadSignature));
+        assert_eq!(
+            verify(&body_changed, "iam", now, secret),
+            Err(SigV4Error::BadSignature)
+        );
     }
 }

@@ -49,7 +49,12 @@ pub struct KeyCache {
 
 impl std::fmt::Debug for KeyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeyCache({} hits, {} misses)", self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+        write!(
+            f,
+            "KeyCache({} hits, {} misses)",
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed)
+        )
     }
 }
 
@@ -76,7 +81,12 @@ impl KeyCache {
 
     /// The cipher for `volume`'s wrapped key: from the cache while fresh, else from `load`
     /// (which asks the KMS, and so checks the caller's grant again).
-    pub async fn get<F, Fut>(&self, wrapped: &[u8], volume: &VolumeId, load: F) -> Result<Arc<Xts>, KmsError>
+    pub async fn get<F, Fut>(
+        &self,
+        wrapped: &[u8],
+        volume: &VolumeId,
+        load: F,
+    ) -> Result<Arc<Xts>, KmsError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<XtsKey, KmsError>>,
@@ -98,7 +108,11 @@ impl KeyCache {
         let mut entries = self.entries();
         if entries.len() >= self.limits.capacity {
             // Evict the oldest entry.
-            if let Some(oldest) = entries.iter().min_by_key(|(_, e)| e.loaded).map(|(k, _)| *k) {
+            if let Some(oldest) = entries
+                .iter()
+                .min_by_key(|(_, e)| e.loaded)
+                .map(|(k, _)| *k)
+            {
                 entries.remove(&oldest);
             }
         }
@@ -153,7 +167,10 @@ mod tests {
         cache.get(b"w1", &v, || loader(&calls)).await.unwrap();
         assert_eq!(calls.load(Ordering::Relaxed), 3);
         // Another volume with the same wrapped bytes is another slot.
-        cache.get(b"w1", &VolumeId::generate(), || loader(&calls)).await.unwrap();
+        cache
+            .get(b"w1", &VolumeId::generate(), || loader(&calls))
+            .await
+            .unwrap();
         cache.get(b"w2", &v, || loader(&calls)).await.unwrap();
         assert_eq!(cache.len(), 2, "capacity bound");
         assert_eq!(cache.hits.load(Ordering::Relaxed), 2);
@@ -165,7 +182,9 @@ mod tests {
         let cache = KeyCache::new(CacheLimits::default());
         let v = VolumeId::generate();
         let err = cache
-            .get(b"w", &v, || async { Err(KmsError::AccessDenied("no grant".into())) })
+            .get(b"w", &v, || async {
+                Err(KmsError::AccessDenied("no grant".into()))
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), "AccessDeniedException");

@@ -64,16 +64,25 @@ impl KmsError {
 fn map_err<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
     err: SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
 ) -> KmsError {
-    if matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)) {
+    if matches!(
+        err,
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)
+    ) {
         return KmsError::Unreachable(DisplayErrorContext(&err).to_string());
     }
     let message = err.message().unwrap_or_default().to_owned();
     match err.code().unwrap_or_default() {
         "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" => {
-            KmsError::AccessDenied(if message.is_empty() { DisplayErrorContext(&err).to_string() } else { message })
+            KmsError::AccessDenied(if message.is_empty() {
+                DisplayErrorContext(&err).to_string()
+            } else {
+                message
+            })
         }
         "NotFoundException" => KmsError::NotFound(message),
-        "InvalidCiphertextException" | "IncorrectKeyException" => KmsError::InvalidCiphertext(message),
+        "InvalidCiphertextException" | "IncorrectKeyException" => {
+            KmsError::InvalidCiphertext(message)
+        }
         "" => KmsError::Other {
             code: "Unknown".into(),
             message: DisplayErrorContext(&err).to_string(),
@@ -131,7 +140,13 @@ impl Kms {
 
     /// Creates a symmetric master key; returns its id.
     pub async fn create_key(&self, description: &str) -> Result<String, KmsError> {
-        let out = self.client.create_key().description(description).send().await.map_err(map_err)?;
+        let out = self
+            .client
+            .create_key()
+            .description(description)
+            .send()
+            .await
+            .map_err(map_err)?;
         out.key_metadata()
             .map(|m| m.key_id().to_owned())
             .ok_or_else(|| KmsError::Other {
@@ -142,14 +157,24 @@ impl Kms {
 
     /// The key's id if it exists and is enabled.
     pub async fn describe_key(&self, key: &KmsKeyId) -> Result<String, KmsError> {
-        let out = self.client.describe_key().key_id(key.as_str()).send().await.map_err(map_err)?;
+        let out = self
+            .client
+            .describe_key()
+            .key_id(key.as_str())
+            .send()
+            .await
+            .map_err(map_err)?;
         out.key_metadata()
             .map(|m| m.key_id().to_owned())
             .ok_or_else(|| KmsError::NotFound(key.to_string()))
     }
 
     /// A new 512-bit XTS data key for `volume`, wrapped by `key`; the plaintext never leaves the KMS.
-    pub async fn generate_wrapped_key(&self, key: &KmsKeyId, volume: &VolumeId) -> Result<Vec<u8>, KmsError> {
+    pub async fn generate_wrapped_key(
+        &self,
+        key: &KmsKeyId,
+        volume: &VolumeId,
+    ) -> Result<Vec<u8>, KmsError> {
         let out = self
             .client
             .generate_data_key_without_plaintext()
@@ -179,7 +204,12 @@ impl Kms {
     }
 
     /// Lets `grantee` decrypt `volume`'s data key under `key`; returns the grant id and token.
-    pub async fn create_grant(&self, key: &KmsKeyId, grantee: &str, volume: &VolumeId) -> Result<(String, String), KmsError> {
+    pub async fn create_grant(
+        &self,
+        key: &KmsKeyId,
+        grantee: &str,
+        volume: &VolumeId,
+    ) -> Result<(String, String), KmsError> {
         let out = self
             .client
             .create_grant()
@@ -213,7 +243,13 @@ impl Kms {
     }
 
     pub async fn list_grants(&self, key: &KmsKeyId) -> Result<Vec<GrantInfo>, KmsError> {
-        let out = self.client.list_grants().key_id(key.as_str()).send().await.map_err(map_err)?;
+        let out = self
+            .client
+            .list_grants()
+            .key_id(key.as_str())
+            .send()
+            .await
+            .map_err(map_err)?;
         Ok(out
             .grants()
             .iter()
@@ -233,6 +269,8 @@ impl Kms {
 fn aws_smithy_http_client_for_kms() -> aws_sdk_kms::config::SharedHttpClient {
     use aws_smithy_http_client::tls;
     aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
         .build_https()
 }

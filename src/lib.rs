@@ -1,0 +1,6 @@
+//! The `blockfleet` package's library half: services that live in the root package rather than
+//! a crate of their own, so the binary runs them and tests start them in-process.
+//!
+//! - [`kms_server`]: the embedded KMS (`blockfleet kms`).
+
+pub mod kms_server;
