@@ -76,6 +76,12 @@ pub enum Command {
         #[arg(long)]
         metrics_listen: Option<String>,
     },
+    /// Run the embedded KMS: the AWS KMS API subset blockfleet uses, SigV4-authenticated.
+    Kms {
+        /// Address to listen on (overrides kms_server.listen); port 0 picks a free port.
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Round trip on the embedded default: generate an image, import it, export it, verify.
     Demo {
         /// Size of the generated image in MiB.

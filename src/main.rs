@@ -45,6 +45,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Snapshot(cmd) => snapshot_cmd::run(&config, cli.output, cmd).await,
         Command::Demo { size_mib } => demo::run(&config, cli.output, size_mib).await,
+        Command::Kms { listen } => {
+            let mut c = config.kms_server;
+            if let Some(l) = listen {
+                c.listen = l;
+            }
+            c.validate()?;
+            let listener = tokio::net::TcpListener::bind(&c.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", c.listen))?;
+            println!("blockfleet kms listening on {}", listener.local_addr()?);
+            blockfleet::kms_server::run(c, listener, shutdown_signal()).await?;
+            Ok(())
+        }
         Command::BlockServer {
             listen,
             data_dir,

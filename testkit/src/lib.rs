@@ -149,6 +149,51 @@ impl Drop for Garage {
     }
 }
 
+/// A running moto server (a server for the AWS APIs, from PyPI) on 127.0.0.1, for the remote
+/// KMS tests. `.ci/run` installs it (`pip install 'moto[server]'`).
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let bin = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (pip install 'moto[server]'): {e}"));
+        let mut m = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_status(port, "/").is_none() {
+            if let Ok(Some(status)) = m.child.try_wait() {
+                panic!("moto_server exited at start: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        m
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The HTTP status of a GET on 127.0.0.1:`port``path`, or `None` if nothing answers.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
