@@ -13,10 +13,18 @@ use serde::Serialize;
 use crate::cli::{Output, SnapshotCommand};
 use crate::output::{emit, mb_per_s, Bar};
 
-/// Opens the configured store (proving it answers) and the manifest key.
+/// Opens the configured store (proving it answers) and the manifest key: from the KMS when
+/// `snapshot.manifest_key_kms_key_id` is set, else from the key file.
 pub async fn open_archive(config: &Config) -> anyhow::Result<Archive> {
     let store = store::open(&config.store).await?;
-    let key = ManifestKey::load_or_create(&config.snapshot.manifest_key_file)?;
+    let key = match &config.snapshot.manifest_key_kms_key_id {
+        Some(kms_key) => {
+            let kms = blockfleet_core::kms::Kms::connect(&config.kms).await;
+            blockfleet_core::kms::manifest_key::load_or_create(store.as_ref(), &kms, kms_key)
+                .await?
+        }
+        None => ManifestKey::load_or_create(&config.snapshot.manifest_key_file)?,
+    };
     Ok(Archive::new(store, Arc::new(key)))
 }
 

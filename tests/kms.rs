@@ -15,7 +15,8 @@ struct Fleet {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-const PRINCIPALS: [(&str, KmsRole); 5] = [
+const PRINCIPALS: [(&str, KmsRole); 6] = [
+    ("coordinator", KmsRole::Coordinator),
     ("control-plane", KmsRole::ControlPlane),
     ("transform", KmsRole::Transform),
     ("host-a", KmsRole::HostAgent),
@@ -199,5 +200,191 @@ async fn policy_grants_and_tampering_through_aws_sdk_kms() {
     assert_eq!(
         stranger.create_key("x").await.unwrap_err().code(),
         "AccessDeniedException"
+    );
+}
+
+/// The fleet manifest key lives wrapped in the object store; only the coordinator and the
+/// transform fleet can unwrap it, and the coordinator can unwrap nothing else.
+#[tokio::test]
+async fn manifest_key_held_by_the_kms() {
+    use blockfleet_core::kms::manifest_key::{load_or_create, WRAPPED_MANIFEST_KEY};
+    use blockfleet_core::snapshot::Manifest;
+    use blockfleet_core::store::{LocalStore, ObjectStore};
+
+    let f = start().await;
+    let cp = client(&f, "control-plane", &secret("control-plane")).await;
+    let coord = client(&f, "coordinator", &secret("coordinator")).await;
+    let tf = client(&f, "transform", &secret("transform")).await;
+    let bs = client(&f, "block-server", &secret("block-server")).await;
+    let key: KmsKeyId = cp.create_key("fleet").await.unwrap().parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path()).unwrap();
+
+    let k1 = load_or_create(&store, &coord, &key).await.unwrap();
+    let wrapped = store.get(WRAPPED_MANIFEST_KEY).await.unwrap();
+    let k2 = load_or_create(&store, &coord, &key).await.unwrap();
+    let k3 = load_or_create(&store, &tf, &key).await.unwrap();
+    let m = Manifest {
+        snapshot_id: blockfleet_core::ids::SnapshotId::generate(),
+        volume_size: 1 << 20,
+        parent: None,
+        created_at: 0,
+        description: String::new(),
+        encryption: None,
+        chunks: Default::default(),
+    };
+    assert_eq!(m.encode(&k1), m.encode(&k2));
+    assert_eq!(m.encode(&k1), m.encode(&k3));
+    assert_eq!(
+        store.get(WRAPPED_MANIFEST_KEY).await.unwrap(),
+        wrapped,
+        "not replaced"
+    );
+    for (who, c) in [("control-plane", &cp), ("block-server", &bs)] {
+        let e = load_or_create(&store, c, &key).await.unwrap_err();
+        assert!(e.to_string().contains("access denied"), "{who}: {e}");
+    }
+    // The coordinator's role reaches no volume key.
+    let v = VolumeId::generate();
+    let w = cp.generate_wrapped_key(&key, &v).await.unwrap();
+    assert_eq!(
+        coord.decrypt_key(&w, &v).await.unwrap_err().code(),
+        "AccessDeniedException"
+    );
+    assert_eq!(
+        coord
+            .generate_wrapped_key(&key, &v)
+            .await
+            .unwrap_err()
+            .code(),
+        "AccessDeniedException"
+    );
+}
+
+fn toml_config(dir: &std::path::Path, f: &Fleet, key: &KmsKeyId, who: &str) -> std::path::PathBuf {
+    let p = dir.join(format!("{who}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "[store]\nkind = \"local\"\npath = \"{d}/objects\"\n\n[snapshot]\nmanifest_key_file = \"{d}/unused.key\"\nmanifest_key_kms_key_id = \"{key}\"\n\n[kms]\nendpoint = \"{e}\"\nregion = \"local\"\naccess_key_id = \"{a}\"\nsecret_access_key = \"{s}\"\n",
+            d = dir.display(),
+            e = f.endpoint,
+            a = akid(who),
+            s = secret(who),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// `blockfleet snapshot` with the manifest key in the KMS: import and export work as the
+/// coordinator, no key file is written, and a block-server principal is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_snapshots_with_the_manifest_key_in_the_kms() {
+    let f = start().await;
+    let cp = client(&f, "control-plane", &secret("control-plane")).await;
+    let key: KmsKeyId = cp.create_key("fleet").await.unwrap().parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image: Vec<u8> = (0..3 * 512 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("d.raw"), &image).unwrap();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_blockfleet"))
+                .args(args)
+                .output()
+                .unwrap()
+        })
+    };
+    let cfg = toml_config(dir.path(), &f, &key, "coordinator")
+        .display()
+        .to_string();
+    let d = dir.path().display().to_string();
+    let out = run(vec![
+        "--config".into(),
+        cfg.clone(),
+        "snapshot".into(),
+        "import".into(),
+        format!("{d}/d.raw"),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let out = run(vec![
+        "--config".into(),
+        cfg,
+        "snapshot".into(),
+        "export".into(),
+        id.clone(),
+        format!("{d}/o.raw"),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(dir.path().join("o.raw")).unwrap() == image);
+    assert!(!dir.path().join("unused.key").exists());
+    assert!(dir
+        .path()
+        .join("objects/keys/manifest-mac.wrapped")
+        .exists());
+
+    let bad = toml_config(dir.path(), &f, &key, "block-server")
+        .display()
+        .to_string();
+    let out = run(vec![
+        "--config".into(),
+        bad,
+        "snapshot".into(),
+        "show".into(),
+        id,
+    ])
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("access denied"), "{err}");
+}
+
+/// `blockfleet kms` refuses a root key file others can read, with a clear message.
+#[test]
+fn kms_refuses_a_readable_root_key_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.key");
+    std::fs::write(&root, format!("{}\n", "11".repeat(32))).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[kms_server]\ndata_dir = \"{}/kms\"\nroot_key_file = \"{}\"\n",
+            dir.path().display(),
+            root.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blockfleet"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "kms",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("root.key") && err.contains("chmod 600"),
+        "{err}"
     );
 }

@@ -251,6 +251,10 @@ pub struct SnapshotConfig {
     /// Chunks read, hashed and uploaded at once by import and export.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// When set, the manifest key is not the file above but a key wrapped by this KMS key and
+    /// kept in the object store (`keys/manifest-mac.wrapped`); `[kms]` says how to reach the KMS.
+    #[serde(default)]
+    pub manifest_key_kms_key_id: Option<crate::ids::KmsKeyId>,
 }
 
 fn default_manifest_key_file() -> PathBuf {
@@ -265,6 +269,7 @@ impl Default for SnapshotConfig {
         SnapshotConfig {
             manifest_key_file: default_manifest_key_file(),
             concurrency: default_concurrency(),
+            manifest_key_kms_key_id: None,
         }
     }
 }
@@ -417,6 +422,9 @@ pub enum KmsRole {
     HostAgent,
     /// May do nothing.
     BlockServer,
+    /// The snapshot coordinator: generates and decrypts only the fleet's manifest MAC key
+    /// (encryption context `blockfleet:purpose = manifest-mac`).
+    Coordinator,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -506,7 +514,7 @@ mod tests {
 
     #[test]
     fn shipped_configs_parse() {
-        for name in ["single-node.toml", "s3-example.toml"] {
+        for name in ["single-node.toml", "s3-example.toml", "kms-example.toml"] {
             let p = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../config")
                 .join(name);

@@ -6,6 +6,9 @@
 //! | DescribeKey | yes | yes | no | no |
 //! | Decrypt | no | yes | only under a live grant naming it, the key and the volume | no |
 //!
+//! The coordinator role may only GenerateDataKeyWithoutPlaintext and Decrypt the fleet's
+//! manifest MAC key (encryption context `blockfleet:purpose = manifest-mac`).
+//!
 //! Errors carry AWS KMS error codes (`__type`), so AWS SDKs map them as they would AWS's.
 
 use std::collections::BTreeMap;
@@ -196,8 +199,10 @@ pub fn dispatch(
             Ok(json!({ "KeyMetadata": metadata(ks, region, &id)? }))
         }
         "GenerateDataKeyWithoutPlaintext" => {
-            allowed(&[ControlPlane])?;
             let req: GenerateReq = parse(body)?;
+            if !(who.role == Coordinator && is_manifest_mac(&req.encryption_context)) {
+                allowed(&[ControlPlane])?;
+            }
             let len = match (req.number_of_bytes, req.key_spec.as_deref()) {
                 (Some(n), None) if (1..=1024).contains(&n) => n as usize,
                 (None, Some("AES_256")) => 32,
@@ -219,8 +224,10 @@ pub fn dispatch(
             Ok(json!({ "CiphertextBlob": B64.encode(blob), "KeyId": arn(region, &id) }))
         }
         "Decrypt" => {
-            allowed(&[Transform, HostAgent])?;
             let req: DecryptReq = parse(body)?;
+            if !(who.role == Coordinator && is_manifest_mac(&req.encryption_context)) {
+                allowed(&[Transform, HostAgent])?;
+            }
             let blob = B64
                 .decode(&req.ciphertext_blob)
                 .map_err(|_| err("InvalidCiphertextException", "CiphertextBlob is not base64"))?;
@@ -342,6 +349,12 @@ pub fn dispatch(
             format!("operation {other} is not supported"),
         )),
     }
+}
+
+fn is_manifest_mac(context: &BTreeMap<String, String>) -> bool {
+    context
+        .get("blockfleet:purpose")
+        .is_some_and(|p| p == "manifest-mac")
 }
 
 /// A live grant lets `who` decrypt with `key_id` when the request's context holds every pair of

@@ -4,11 +4,13 @@
 //! - [`Kms`]: the calls blockfleet uses, every data-key call bound to its volume by the
 //!   encryption context `{"blockfleet:volume": "<vol-id>"}`.
 //! - [`cache`]: the in-memory cache of unwrapped keys (TTL, use limit, size bound).
+//! - [`manifest_key`]: the fleet's manifest MAC key, wrapped by the KMS and kept in the store.
 //!
 //! Plaintext keys leave this module only as [`XtsKey`]/[`Xts`](crate::crypto::Xts) values, which
 //! zeroize on drop and never print.
 
 pub mod cache;
+pub mod manifest_key;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -175,12 +177,29 @@ impl Kms {
         key: &KmsKeyId,
         volume: &VolumeId,
     ) -> Result<Vec<u8>, KmsError> {
+        self.generate_wrapped(key, XTS_KEY_LEN, volume_context(volume))
+            .await
+    }
+
+    /// Unwraps `volume`'s data key.
+    pub async fn decrypt_key(&self, wrapped: &[u8], volume: &VolumeId) -> Result<XtsKey, KmsError> {
+        let plain = self.decrypt(wrapped, volume_context(volume)).await?;
+        Ok(XtsKey::from_bytes(&plain)?)
+    }
+
+    /// A new secret of `len` bytes wrapped by `key` under `context`, without plaintext.
+    pub async fn generate_wrapped(
+        &self,
+        key: &KmsKeyId,
+        len: usize,
+        context: HashMap<String, String>,
+    ) -> Result<Vec<u8>, KmsError> {
         let out = self
             .client
             .generate_data_key_without_plaintext()
             .key_id(key.as_str())
-            .number_of_bytes(XTS_KEY_LEN as i32)
-            .set_encryption_context(Some(volume_context(volume)))
+            .number_of_bytes(len as i32)
+            .set_encryption_context(Some(context))
             .send()
             .await
             .map_err(map_err)?;
@@ -189,18 +208,23 @@ impl Kms {
             .ok_or_else(|| KmsError::InvalidCiphertext("no ciphertext in the reply".into()))
     }
 
-    /// Unwraps `volume`'s data key.
-    pub async fn decrypt_key(&self, wrapped: &[u8], volume: &VolumeId) -> Result<XtsKey, KmsError> {
+    /// Unwraps a secret made under `context`.
+    pub async fn decrypt(
+        &self,
+        wrapped: &[u8],
+        context: HashMap<String, String>,
+    ) -> Result<Zeroizing<Vec<u8>>, KmsError> {
         let out = self
             .client
             .decrypt()
             .ciphertext_blob(Blob::new(wrapped))
-            .set_encryption_context(Some(volume_context(volume)))
+            .set_encryption_context(Some(context))
             .send()
             .await
             .map_err(map_err)?;
-        let plain = Zeroizing::new(out.plaintext.map(Blob::into_inner).unwrap_or_default());
-        Ok(XtsKey::from_bytes(&plain)?)
+        Ok(Zeroizing::new(
+            out.plaintext.map(Blob::into_inner).unwrap_or_default(),
+        ))
     }
 
     /// Lets `grantee` decrypt `volume`'s data key under `key`; returns the grant id and token.

@@ -36,7 +36,7 @@ impl ManifestKey {
         ManifestKey(k)
     }
 
-    /// A key from raw bytes (tests and fuzzing; real keys come from `load_or_create`).
+    /// A key from raw bytes (unwrapped from the KMS, or for tests and fuzzing).
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
         ManifestKey(bytes)
     }
