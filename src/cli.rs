@@ -82,6 +82,22 @@ pub enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Serve a volume to this host over NBD, encrypting with its key (unwrapped under this host's
+    /// KMS grant; the block server sees only ciphertext).
+    Attach {
+        /// The block server holding the volume.
+        #[arg(long)]
+        block_server: String,
+        #[arg(long)]
+        volume: String,
+        /// The volume's wrapped data key (hex), as the control plane stored it; without it the
+        /// volume is served unencrypted.
+        #[arg(long)]
+        wrapped_key: Option<String>,
+        /// NBD listen address; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+    },
     /// Round trip on the embedded default: generate an image, import it, export it, verify.
     Demo {
         /// Size of the generated image in MiB.

@@ -45,6 +45,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Snapshot(cmd) => snapshot_cmd::run(&config, cli.output, cmd).await,
         Command::Demo { size_mib } => demo::run(&config, cli.output, size_mib).await,
+        Command::Attach {
+            block_server,
+            volume,
+            wrapped_key,
+            listen,
+        } => {
+            attach(
+                &config,
+                &block_server,
+                &volume,
+                wrapped_key.as_deref(),
+                &listen,
+            )
+            .await
+        }
         Command::Kms { listen } => {
             let mut c = config.kms_server;
             if let Some(l) = listen {
@@ -86,6 +101,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn attach(
+    config: &Config,
+    block_server: &str,
+    volume: &str,
+    wrapped_key: Option<&str>,
+    listen: &str,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    let volume: blockfleet_core::ids::VolumeId = volume.parse()?;
+    let xts = match wrapped_key {
+        Some(hex_key) => {
+            let wrapped = hex::decode(hex_key).context("--wrapped-key is not hex")?;
+            let kms = blockfleet_core::kms::Kms::connect(&config.kms).await;
+            let key = kms.decrypt_key(&wrapped, &volume).await.with_context(|| {
+                format!("cannot unwrap the key of {volume} (no grant for this host?)")
+            })?;
+            Some(Arc::new(blockfleet_core::crypto::Xts::new(&key)))
+        }
+        None => None,
+    };
+    let client = Arc::new(blockfleet_core::blockproto::BlockClient::connect(block_server).await?);
+    let vol = blockfleet::host_agent::AgentVolume::open(client, volume.clone(), xts)
+        .await
+        .with_context(|| format!("cannot open {volume} on {block_server}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    println!(
+        "blockfleet attach listening on {} (export {volume})",
+        listener.local_addr()?
+    );
+    blockfleet::host_agent::run(Arc::new(vol), listener, shutdown_signal()).await;
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM: the service then finishes in-flight work and exits cleanly.

@@ -388,3 +388,141 @@ fn kms_refuses_a_readable_root_key_file() {
         "{err}"
     );
 }
+
+/// `blockfleet attach` over a real block-server process: refused without a grant (clear
+/// message), serves the volume over NBD under the grant, refuses an unknown volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_needs_a_grant_and_serves_nbd() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let f = start().await;
+    let cp = client(&f, "control-plane", &secret("control-plane")).await;
+    let key: KmsKeyId = cp.create_key("volumes").await.unwrap().parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spawn_line = |args: Vec<String>| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blockfleet"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        (child, line)
+    };
+    let (mut bs, line) = spawn_line(vec![
+        "block-server".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.path().join("bs").display().to_string(),
+    ]);
+    let bs_addr = line.trim().rsplit(' ').next().unwrap().to_owned();
+    let v = VolumeId::generate();
+    let bc = blockfleet_core::blockproto::BlockClient::connect(&bs_addr)
+        .await
+        .unwrap();
+    bc.create_volume(&v, 4 << 20, false).await.unwrap();
+    let wrapped = hex::encode(cp.generate_wrapped_key(&key, &v).await.unwrap());
+
+    let host_cfg = dir.path().join("host.toml");
+    std::fs::write(
+        &host_cfg,
+        format!(
+            "[kms]\nendpoint = \"{}\"\nregion = \"local\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            f.endpoint,
+            akid("host-a"),
+            secret("host-a")
+        ),
+    )
+    .unwrap();
+    let attach = |volume: &VolumeId| {
+        vec![
+            "--config".to_owned(),
+            host_cfg.display().to_string(),
+            "attach".into(),
+            "--block-server".into(),
+            bs_addr.clone(),
+            "--volume".into(),
+            volume.to_string(),
+            "--wrapped-key".into(),
+            wrapped.clone(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ]
+    };
+    let refused = tokio::task::spawn_blocking({
+        let args = attach(&v);
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_blockfleet"))
+                .args(args)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("no grant") && err.contains("access denied"),
+        "{err}"
+    );
+
+    cp.create_grant(&key, "host-a", &v).await.unwrap();
+    let other = VolumeId::generate();
+    cp.create_grant(&key, "host-a", &other).await.unwrap();
+    let other_wrapped = hex::encode(cp.generate_wrapped_key(&key, &other).await.unwrap());
+    let unknown = tokio::task::spawn_blocking({
+        let mut args = attach(&other);
+        args[8] = other_wrapped;
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_blockfleet"))
+                .args(args)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!unknown.status.success());
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(err.contains(&format!("cannot open {other}")), "{err}");
+
+    let (mut agent, line) = spawn_line(attach(&v));
+    let addr = line.split_whitespace().nth(4).unwrap().to_owned();
+    let uri = format!("nbd://{addr}/{v}");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                &uri,
+                "-c",
+                "write -P 0x77 4096 8192",
+                "-c",
+                "read -P 0x77 4096 8192",
+                "-c",
+                "read -P 0 0 4096",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The block server got ciphertext.
+    let raw = bc.read(&v, 4096, 8192).await.unwrap();
+    assert!(!raw.iter().all(|&b| b == 0x77));
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    bs.kill().unwrap();
+    bs.wait().unwrap();
+}
