@@ -136,9 +136,12 @@ impl AgentVolume {
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, Errno> {
         self.check(offset, u64::from(len), false)?;
         let (first, end) = (offset / UNIT, (offset + u64::from(len)).div_ceil(UNIT));
-        let all = self.read_units(first, end).await?;
+        let mut all = self.read_units(first, end).await?;
         let skip = (offset - first * UNIT) as usize;
-        Ok(all[skip..skip + len as usize].to_vec())
+        // In place: no copy at all for an aligned read.
+        all.drain(..skip);
+        all.truncate(len as usize);
+        Ok(all)
     }
 
     /// Writes `data` at `offset` (`None`: zeroes of `len` bytes).
