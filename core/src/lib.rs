@@ -5,6 +5,7 @@
 //! - [`ids`]: AWS-shaped volume, snapshot and instance ids, and KMS key ids.
 //! - [`crypto`]: AES-256-XTS over 4096-byte data units and the zeroizing key type.
 //! - [`kms`]: the KMS client (any AWS KMS API) for envelope encryption, and the key cache.
+//! - [`nbd`]: the NBD protocol (fixed newstyle): constants, pure parsers, reply framing.
 //! - [`snapshot`]: the snapshot format: content-addressed chunks, the MAC'd manifest, the manifest key.
 //! - [`store`]: the object-store trait with its local-directory and S3 backends.
 //! - [`config`]: the TOML configuration shared by the binary and the services.
@@ -18,6 +19,7 @@ pub mod fsutil;
 pub mod ids;
 #[cfg(feature = "kms")]
 pub mod kms;
+pub mod nbd;
 pub mod sigv4;
 pub mod snapshot;
 pub mod store;

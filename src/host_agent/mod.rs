@@ -1,7 +1,7 @@
 //! The host agent: what an instance sees. It serves one volume over NBD (fixed newstyle) and
 //! keeps the volume's key; block servers see only ciphertext.
 //!
-//! - [`nbd`]: protocol constants and framing.
+//! - `blockfleet_core::nbd`: protocol constants, parsers and framing.
 //! - [`volume`]: the crypto data path to the block server.
 //!
 //! Per connection: the option handshake (EXPORT_NAME, INFO, GO, LIST, ABORT,
@@ -9,7 +9,6 @@
 //! 64 at once) and a writer that sends replies in completion order. A malformed header or an
 //! oversized write loses framing: that connection closes, others go on.
 
-pub mod nbd;
 pub mod volume;
 
 use std::future::Future;
@@ -20,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use nbd::*;
+use blockfleet_core::nbd::*;
 pub use volume::AgentVolume;
 
 const MAX_INFLIGHT: usize = 64;
@@ -141,35 +140,25 @@ async fn handshake(
                 structured = true;
                 option_reply(w, option, REP_ACK, &[]).await?;
             }
-            OPT_INFO | OPT_GO => {
-                // u32 name length, name, u16 count, count x u16 info types.
-                let parsed = (|| {
-                    let n = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
-                    let name = data.get(4..4 + n)?;
-                    let count =
-                        u16::from_be_bytes(data.get(4 + n..6 + n)?.try_into().ok()?) as usize;
-                    (data.len() == 6 + n + 2 * count).then_some(name)
-                })();
-                match parsed {
-                    None => option_reply(w, option, REP_ERR_INVALID, b"malformed INFO/GO").await?,
-                    Some(name) if !known(name) => {
-                        option_reply(w, option, REP_ERR_UNKNOWN, b"no such export").await?
-                    }
-                    Some(_) => {
-                        option_reply(w, option, REP_INFO, &export_info()).await?;
-                        let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                        bs.extend_from_slice(&1u32.to_be_bytes());
-                        bs.extend_from_slice(&4096u32.to_be_bytes());
-                        bs.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
-                        option_reply(w, option, REP_INFO, &bs).await?;
-                        option_reply(w, option, REP_ACK, &[]).await?;
-                        if option == OPT_GO {
-                            w.flush().await?;
-                            return Ok(Some(structured));
-                        }
+            OPT_INFO | OPT_GO => match parse_info_request(&data) {
+                None => option_reply(w, option, REP_ERR_INVALID, b"malformed INFO/GO").await?,
+                Some(name) if !known(name) => {
+                    option_reply(w, option, REP_ERR_UNKNOWN, b"no such export").await?
+                }
+                Some(_) => {
+                    option_reply(w, option, REP_INFO, &export_info()).await?;
+                    let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                    bs.extend_from_slice(&1u32.to_be_bytes());
+                    bs.extend_from_slice(&4096u32.to_be_bytes());
+                    bs.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                    option_reply(w, option, REP_INFO, &bs).await?;
+                    option_reply(w, option, REP_ACK, &[]).await?;
+                    if option == OPT_GO {
+                        w.flush().await?;
+                        return Ok(Some(structured));
                     }
                 }
-            }
+            },
             _ => option_reply(w, option, REP_ERR_UNSUP, b"option not supported").await?,
         }
         w.flush().await?;

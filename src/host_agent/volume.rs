@@ -13,7 +13,7 @@ use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::VolumeId;
 use bytes::Bytes;
 
-use super::nbd::{EINVAL, EIO, ENOSPC};
+use blockfleet_core::nbd::{EINVAL, EIO, ENOSPC};
 
 const UNIT: u64 = 4096;
 /// Block-protocol requests are split at this size.

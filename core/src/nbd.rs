@@ -1,6 +1,6 @@
 //! The NBD protocol, fixed newstyle (the NBD project's protocol document is the spec): the
-//! constants, option handshake and transmission framing. No I/O policy here: [`super::serve`]
-//! drives it.
+//! constants, option and request parsing, and reply framing. No I/O policy here: the host
+//! agent (`blockfleet::host_agent`) drives it. The parsers are pure and fuzzed.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -86,24 +86,37 @@ pub struct RequestHeader {
     pub length: u32,
 }
 
+impl RequestHeader {
+    /// Decodes the 28-byte header; `None` on a bad magic (framing is lost).
+    pub fn decode(b: &[u8; 28]) -> Option<Self> {
+        if u32::from_be_bytes([b[0], b[1], b[2], b[3]]) != REQUEST_MAGIC {
+            return None;
+        }
+        Some(RequestHeader {
+            flags: u16::from_be_bytes([b[4], b[5]]),
+            kind: u16::from_be_bytes([b[6], b[7]]),
+            cookie: u64::from_be_bytes(b[8..16].try_into().ok()?),
+            offset: u64::from_be_bytes(b[16..24].try_into().ok()?),
+            length: u32::from_be_bytes(b[24..28].try_into().ok()?),
+        })
+    }
+}
+
 /// Reads a request header; `Err` on a bad magic or a closed connection (framing is lost).
 pub async fn read_request(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<RequestHeader> {
     let mut b = [0u8; 28];
     r.read_exact(&mut b).await?;
-    let magic = u32::from_be_bytes(b[0..4].try_into().expect("4"));
-    if magic != REQUEST_MAGIC {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad request magic {magic:#x}"),
-        ));
-    }
-    Ok(RequestHeader {
-        flags: u16::from_be_bytes(b[4..6].try_into().expect("2")),
-        kind: u16::from_be_bytes(b[6..8].try_into().expect("2")),
-        cookie: u64::from_be_bytes(b[8..16].try_into().expect("8")),
-        offset: u64::from_be_bytes(b[16..24].try_into().expect("8")),
-        length: u32::from_be_bytes(b[24..28].try_into().expect("4")),
-    })
+    RequestHeader::decode(&b)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad request magic"))
+}
+
+/// Parses the payload of NBD_OPT_INFO / NBD_OPT_GO (u32 name length, name, u16 count, count
+/// u16 info types) into the export name; `None` if it is malformed.
+pub fn parse_info_request(data: &[u8]) -> Option<&[u8]> {
+    let n = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4usize.checked_add(n)?)?;
+    let count = u16::from_be_bytes(data.get(4 + n..6 + n)?.try_into().ok()?) as usize;
+    (data.len() == 6 + n + 2 * count).then_some(name)
 }
 
 /// An option reply during the handshake.
@@ -140,4 +153,41 @@ pub fn structured_header(cookie: u64, flags: u16, kind: u16, length: u32) -> Vec
     b.extend_from_slice(&cookie.to_be_bytes());
     b.extend_from_slice(&length.to_be_bytes());
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn info_requests() {
+        let mut ok = 3u32.to_be_bytes().to_vec();
+        ok.extend_from_slice(b"abc");
+        ok.extend_from_slice(&1u16.to_be_bytes());
+        ok.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        assert_eq!(parse_info_request(&ok), Some(&b"abc"[..]));
+        assert_eq!(parse_info_request(&ok[..ok.len() - 1]), None);
+        assert_eq!(parse_info_request(&[0xff, 0xff, 0xff, 0xff, 0, 0]), None);
+        assert_eq!(parse_info_request(&[]), None);
+    }
+
+    #[test]
+    fn request_headers() {
+        let mut h = [0u8; 28];
+        h[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        h[7] = 1;
+        h[27] = 9;
+        let r = RequestHeader::decode(&h).unwrap();
+        assert_eq!((r.kind, r.length), (CMD_WRITE, 9));
+        h[0] ^= 1;
+        assert!(RequestHeader::decode(&h).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_are_total(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = parse_info_request(&data);
+        }
+    }
 }
