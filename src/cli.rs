@@ -97,6 +97,9 @@ pub enum Command {
         /// NBD listen address; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:10809")]
         listen: String,
+        /// Serve Prometheus /metrics here.
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Round trip on the embedded default: generate an image, import it, export it, verify.
     Demo {

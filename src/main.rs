@@ -50,6 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             volume,
             wrapped_key,
             listen,
+            metrics_listen,
         } => {
             attach(
                 &config,
@@ -57,6 +58,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &volume,
                 wrapped_key.as_deref(),
                 &listen,
+                metrics_listen.as_deref(),
             )
             .await
         }
@@ -109,6 +111,7 @@ async fn attach(
     volume: &str,
     wrapped_key: Option<&str>,
     listen: &str,
+    metrics_listen: Option<&str>,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
     let volume: blockfleet_core::ids::VolumeId = volume.parse()?;
@@ -130,11 +133,22 @@ async fn attach(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let vol = Arc::new(vol);
+    if let Some(addr) = metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let v = Arc::clone(&vol);
+        tokio::spawn(blockfleet_core::metrics::serve(
+            l,
+            Arc::new(move || v.metrics.render()),
+        ));
+    }
     println!(
         "blockfleet attach listening on {} (export {volume})",
         listener.local_addr()?
     );
-    blockfleet::host_agent::run(Arc::new(vol), listener, shutdown_signal()).await;
+    blockfleet::host_agent::run(vol, listener, shutdown_signal()).await;
     Ok(())
 }
 

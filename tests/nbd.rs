@@ -26,6 +26,7 @@ struct Rig {
     uri: String,
     volume: VolumeId,
     dir: tempfile::TempDir,
+    agent: Arc<AgentVolume>,
 }
 
 async fn start_block_server(
@@ -52,7 +53,12 @@ async fn start_agent(
     bs_addr: &str,
     volume: &VolumeId,
     key: &[u8],
-) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+) -> (
+    String,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+    Arc<AgentVolume>,
+) {
     let client = Arc::new(BlockClient::connect(bs_addr).await.unwrap());
     let xts = Arc::new(Xts::new(&XtsKey::from_bytes(key).unwrap()));
     let vol = Arc::new(
@@ -63,10 +69,10 @@ async fn start_agent(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("nbd://{}/{}", listener.local_addr().unwrap(), volume);
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(host_agent::run(vol, listener, async {
+    let task = tokio::spawn(host_agent::run(Arc::clone(&vol), listener, async {
         let _ = rx.await;
     }));
-    (uri, tx, task)
+    (uri, tx, task, vol)
 }
 
 impl Rig {
@@ -80,8 +86,9 @@ impl Rig {
             .create_volume(&volume, SIZE, false)
             .await
             .unwrap();
-        let (uri, agent_stop, agent_task) = start_agent(&bs_addr, &volume, key).await;
+        let (uri, agent_stop, agent_task, agent) = start_agent(&bs_addr, &volume, key).await;
         Rig {
+            agent,
             bs_addr,
             bs_stop: Some(bs_stop),
             bs_task: Some(bs_task),
@@ -100,7 +107,8 @@ impl Rig {
         self.bs_stop.take().unwrap().send(()).unwrap();
         self.bs_task.take().unwrap().await.unwrap();
         let (bs_addr, bs_stop, bs_task) = start_block_server(self.dir.path()).await;
-        let (uri, agent_stop, agent_task) = start_agent(&bs_addr, &self.volume, key).await;
+        let (uri, agent_stop, agent_task, agent) = start_agent(&bs_addr, &self.volume, key).await;
+        self.agent = agent;
         (self.bs_addr, self.bs_stop, self.bs_task) = (bs_addr, Some(bs_stop), Some(bs_task));
         (self.uri, self.agent_stop, self.agent_task) = (uri, Some(agent_stop), Some(agent_task));
     }

@@ -3,15 +3,12 @@
 //!
 //! Names are stable and documented in docs/operations.md.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use blockfleet_core::blockproto::Request;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Response, StatusCode};
+use blockfleet_core::metrics::{counter, gauge, OpMetrics};
 use tokio::net::TcpListener;
 
 use crate::store::Store;
@@ -53,35 +50,9 @@ pub fn op_index(req: &Request) -> usize {
     }
 }
 
-/// Latency bucket upper bounds, seconds.
-const BUCKETS: [f64; 12] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
-];
-
-#[derive(Debug, Default)]
-struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|&b| s <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-}
-
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    requests: [AtomicU64; OPS.len()],
-    errors: [AtomicU64; OPS.len()],
-    latency: [Histogram; OPS.len()],
+    ops: OpMetrics<{ OPS.len() }>,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub fsyncs: AtomicU64,
@@ -89,64 +60,28 @@ pub struct Metrics {
     pub marks: AtomicU64,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            ops: OpMetrics::new(OPS),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            marks: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Metrics {
     pub fn record(&self, op: usize, ok: bool, elapsed: Duration) {
-        self.requests[op].fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.errors[op].fetch_add(1, Ordering::Relaxed);
-        }
-        self.latency[op].observe(elapsed);
+        self.ops.record(op, ok, elapsed);
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self, volumes: usize) -> String {
         let mut out = String::new();
-        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
-        };
-        let _ = writeln!(out, "# HELP blockfleet_bs_requests_total Requests served, by operation.\n# TYPE blockfleet_bs_requests_total counter");
-        for (i, op) in OPS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "blockfleet_bs_requests_total{{op=\"{op}\"}} {}",
-                self.requests[i].load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP blockfleet_bs_request_errors_total Requests refused or failed, by operation.\n# TYPE blockfleet_bs_request_errors_total counter");
-        for (i, op) in OPS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "blockfleet_bs_request_errors_total{{op=\"{op}\"}} {}",
-                self.errors[i].load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP blockfleet_bs_request_seconds Request latency in the server, by operation.\n# TYPE blockfleet_bs_request_seconds histogram");
-        for (i, op) in OPS.iter().enumerate() {
-            let h = &self.latency[i];
-            let mut cumulative = 0;
-            for (b, bound) in BUCKETS.iter().enumerate() {
-                cumulative += h.buckets[b].load(Ordering::Relaxed);
-                let _ = writeln!(out, "blockfleet_bs_request_seconds_bucket{{op=\"{op}\",le=\"{bound}\"}} {cumulative}");
-            }
-            let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "blockfleet_bs_request_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}} {count}"
-            );
-            let _ = writeln!(
-                out,
-                "blockfleet_bs_request_seconds_sum{{op=\"{op}\"}} {}",
-                h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(
-                out,
-                "blockfleet_bs_request_seconds_count{{op=\"{op}\"}} {count}"
-            );
-        }
+        self.ops.render(&mut out, "blockfleet_bs");
         counter(
             &mut out,
             "blockfleet_bs_read_bytes_total",
@@ -177,41 +112,18 @@ impl Metrics {
             "Snapshot marks taken.",
             &self.marks,
         );
-        let _ = writeln!(out, "# HELP blockfleet_bs_volumes Volumes on this server.\n# TYPE blockfleet_bs_volumes gauge\nblockfleet_bs_volumes {volumes}");
+        gauge(
+            &mut out,
+            "blockfleet_bs_volumes",
+            "Volumes on this server.",
+            volumes as u64,
+        );
         out
     }
 }
 
 /// Serves `GET /metrics` until the task is dropped.
 pub async fn serve(store: Arc<Store>, listener: TcpListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let store = Arc::clone(&store);
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let store = Arc::clone(&store);
-                    async move {
-                        let resp = if req.uri().path() == "/metrics" {
-                            Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4")
-                                .body(Full::new(Bytes::from(
-                                    store.metrics.render(store.volume_count()),
-                                )))
-                        } else {
-                            Response::builder()
-                                .status(StatusCode::NOT_FOUND)
-                                .body(Full::new(Bytes::from_static(b"not found\n")))
-                        };
-                        resp
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
-        });
-    }
+    let render = move || store.metrics.render(store.volume_count());
+    blockfleet_core::metrics::serve(listener, Arc::new(render)).await;
 }

@@ -5,6 +5,7 @@
 //! - [`ids`]: AWS-shaped volume, snapshot and instance ids, and KMS key ids.
 //! - [`crypto`]: AES-256-XTS over 4096-byte data units and the zeroizing key type.
 //! - [`kms`]: the KMS client (any AWS KMS API) for envelope encryption, and the key cache.
+//! - [`metrics`]: Prometheus text metrics (per-op counters and histograms) and `/metrics`.
 //! - [`nbd`]: the NBD protocol (fixed newstyle): constants, pure parsers, reply framing.
 //! - [`snapshot`]: the snapshot format: content-addressed chunks, the MAC'd manifest, the manifest key.
 //! - [`store`]: the object-store trait with its local-directory and S3 backends.
@@ -19,6 +20,7 @@ pub mod fsutil;
 pub mod ids;
 #[cfg(feature = "kms")]
 pub mod kms;
+pub mod metrics;
 pub mod nbd;
 pub mod sigv4;
 pub mod snapshot;

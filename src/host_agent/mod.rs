@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use blockfleet_core::nbd::*;
-pub use volume::AgentVolume;
+pub use volume::{AgentMetrics, AgentVolume};
 
 const MAX_INFLIGHT: usize = 64;
 
@@ -199,6 +199,9 @@ async fn connection(vol: Arc<AgentVolume>, stream: TcpStream) -> std::io::Result
     let Some(structured) = handshake(&vol, &mut r, &mut w).await? else {
         return Ok(());
     };
+    vol.metrics
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Reply>(MAX_INFLIGHT * 2);
     let writer = tokio::spawn(async move {
         while let Some((head, data)) = rx.recv().await {
@@ -241,6 +244,7 @@ async fn connection(vol: Arc<AgentVolume>, stream: TcpStream) -> std::io::Result
         };
         let (vol, tx) = (Arc::clone(&vol), tx.clone());
         tasks.spawn(async move {
+            let started = std::time::Instant::now();
             let fua = req.flags & CMD_FLAG_FUA != 0;
             let known_flags = req.flags & !(CMD_FLAG_FUA | (1 << 1)) == 0;
             let result = if !known_flags {
@@ -267,6 +271,28 @@ async fn connection(vol: Arc<AgentVolume>, stream: TcpStream) -> std::io::Result
                     _ => Err(EINVAL),
                 }
             };
+            let op = match req.kind {
+                CMD_READ => 0,
+                CMD_WRITE => 1,
+                CMD_FLUSH => 2,
+                CMD_TRIM => 3,
+                CMD_WRITE_ZEROES => 4,
+                CMD_CACHE => 5,
+                _ => 6,
+            };
+            vol.metrics
+                .ops
+                .record(op, result.is_ok(), started.elapsed());
+            if result.is_ok() {
+                let counter = match req.kind {
+                    CMD_READ => Some(&vol.metrics.bytes_read),
+                    CMD_WRITE => Some(&vol.metrics.bytes_written),
+                    _ => None,
+                };
+                if let Some(c) = counter {
+                    c.fetch_add(u64::from(req.length), std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             let _ = tx.send(reply(req.cookie, structured, result)).await;
             drop(permit);
         });

@@ -6,11 +6,13 @@
 //! server's holes) read as zeros.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use blockfleet_core::blockproto::{BlockClient, ClientError, ErrorCode};
 use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::VolumeId;
+use blockfleet_core::metrics::{counter, OpMetrics};
 use bytes::Bytes;
 
 use blockfleet_core::nbd::{EINVAL, EIO, ENOSPC};
@@ -31,8 +33,65 @@ fn errno(e: ClientError) -> Errno {
     }
 }
 
+/// NBD operations, as metric labels.
+pub const OPS: [&str; 7] = [
+    "read",
+    "write",
+    "flush",
+    "trim",
+    "write_zeroes",
+    "cache",
+    "other",
+];
+
+/// The agent's metrics: per-operation counts, errors and latency, bytes, connections.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    pub ops: OpMetrics<{ OPS.len() }>,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl AgentMetrics {
+    fn new() -> Self {
+        AgentMetrics {
+            ops: OpMetrics::new(OPS),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        self.ops.render(&mut out, "blockfleet_agent");
+        counter(
+            &mut out,
+            "blockfleet_agent_read_bytes_total",
+            "Plaintext bytes returned to NBD clients.",
+            &self.bytes_read,
+        );
+        counter(
+            &mut out,
+            "blockfleet_agent_written_bytes_total",
+            "Plaintext bytes written by NBD clients.",
+            &self.bytes_written,
+        );
+        counter(
+            &mut out,
+            "blockfleet_agent_connections_total",
+            "NBD connections accepted.",
+            &self.connections,
+        );
+        out
+    }
+}
+
 #[derive(Debug)]
 pub struct AgentVolume {
+    pub metrics: AgentMetrics,
     client: Arc<BlockClient>,
     volume: VolumeId,
     size: u64,
@@ -48,6 +107,7 @@ impl AgentVolume {
     ) -> Result<Self, ClientError> {
         let size = client.stat_volume(&volume).await?.size;
         Ok(AgentVolume {
+            metrics: AgentMetrics::new(),
             client,
             volume,
             size,
