@@ -1,5 +1,6 @@
 //! `blockfleet-core`: what every blockfleet service shares.
 //!
+//! - `aws`: the one AWS SDK client setup (TLS, region, endpoint, credentials, retries).
 //! - [`blockproto`]: the block protocol (versioned binary frames) and its pipelined client.
 //! - [`units`]: sector and chunk sizes, offset and range arithmetic with overflow and alignment checks.
 //! - [`ids`]: AWS-shaped volume, snapshot and instance ids, and KMS key ids.
@@ -13,6 +14,8 @@
 //! - [`sigv4`]: AWS SigV4 request verification for the AWS-shaped APIs blockfleet serves.
 //! - [`fsutil`]: crash-safe file writes (temp file, fsync, rename, fsync directory).
 
+#[cfg(any(feature = "s3", feature = "kms"))]
+pub mod aws;
 pub mod blockproto;
 pub mod config;
 pub mod crypto;

@@ -112,29 +112,20 @@ pub struct Kms {
 
 impl Kms {
     pub async fn connect(config: &KmsClientConfig) -> Self {
-        let http_client = aws_smithy_http_client_for_kms();
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .http_client(http_client)
-            .region(aws_config::Region::new(config.region.clone()))
-            .timeout_config(
-                aws_config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(3))
-                    .operation_timeout(Duration::from_secs(30))
-                    .build(),
-            );
-        if let Some(e) = &config.endpoint {
-            loader = loader.endpoint_url(e);
-        }
-        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
-            loader = loader.credentials_provider(aws_sdk_kms::config::Credentials::new(
-                id,
-                secret.expose(),
-                None,
-                None,
-                "blockfleet-config",
-            ));
-        }
-        let shared = loader.load().await;
+        let shared = crate::aws::sdk_config(crate::aws::Endpoint {
+            url: config.endpoint.as_deref(),
+            region: &config.region,
+            credentials: config
+                .access_key_id
+                .as_deref()
+                .zip(config.secret_access_key.as_ref()),
+            max_attempts: 3,
+            timeouts: aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .operation_timeout(Duration::from_secs(30))
+                .build(),
+        })
+        .await;
         Kms {
             client: Client::new(&shared),
         }
@@ -287,14 +278,4 @@ impl Kms {
             })
             .collect())
     }
-}
-
-/// The HTTPS client: rustls on ring, as the S3 store uses.
-fn aws_smithy_http_client_for_kms() -> aws_sdk_kms::config::SharedHttpClient {
-    use aws_smithy_http_client::tls;
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https()
 }

@@ -7,13 +7,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
-use aws_smithy_http_client::tls;
 use bytes::Bytes;
 
 use super::{validate_key, validate_prefix, ObjectStore, StoreError};
@@ -31,38 +28,23 @@ impl S3Store {
     /// Builds a client for the configured endpoint. Nothing is sent until the first call;
     /// [`ObjectStore::check`] proves the endpoint and bucket.
     pub async fn connect(config: &S3StoreConfig) -> Self {
-        // rustls on ring: no C toolchain beyond what ring needs, and no aws-lc build.
-        let http_client = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http_client)
-            .region(Region::new(config.region.clone()))
-            .retry_config(RetryConfig::standard().with_max_attempts(config.max_attempts))
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-                    .operation_attempt_timeout(Duration::from_secs(config.attempt_timeout_secs))
-                    .operation_timeout(Duration::from_secs(
-                        config.attempt_timeout_secs * u64::from(config.max_attempts) + 5,
-                    ))
-                    .build(),
-            );
-        if let Some(endpoint) = &config.endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
-            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
-                id,
-                secret.expose(),
-                None,
-                None,
-                "blockfleet-config",
-            ));
-        }
-        let shared = loader.load().await;
+        let shared = crate::aws::sdk_config(crate::aws::Endpoint {
+            url: config.endpoint.as_deref(),
+            region: &config.region,
+            credentials: config
+                .access_key_id
+                .as_deref()
+                .zip(config.secret_access_key.as_ref()),
+            max_attempts: config.max_attempts,
+            timeouts: TimeoutConfig::builder()
+                .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+                .operation_attempt_timeout(Duration::from_secs(config.attempt_timeout_secs))
+                .operation_timeout(Duration::from_secs(
+                    config.attempt_timeout_secs * u64::from(config.max_attempts) + 5,
+                ))
+                .build(),
+        })
+        .await;
         let s3_config = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(config.path_style)
             .build();

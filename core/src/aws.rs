@@ -1,0 +1,48 @@
+//! The one way blockfleet sets up an AWS SDK client (S3 store, KMS): rustls on ring (no aws-lc
+//! build), the region, an optional endpoint for S3- or KMS-compatible services, credentials from
+//! config or else the usual AWS chain, retries and timeouts.
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::Credentials;
+use aws_smithy_http_client::tls;
+
+use crate::config::Secret;
+
+/// Where and how to reach an AWS-API service.
+#[derive(Debug)]
+pub struct Endpoint<'a> {
+    pub url: Option<&'a str>,
+    pub region: &'a str,
+    /// Both from config, or `None` for the default credential chain.
+    pub credentials: Option<(&'a str, &'a Secret)>,
+    pub max_attempts: u32,
+    pub timeouts: TimeoutConfig,
+}
+
+pub async fn sdk_config(e: Endpoint<'_>) -> SdkConfig {
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http_client)
+        .region(Region::new(e.region.to_owned()))
+        .retry_config(RetryConfig::standard().with_max_attempts(e.max_attempts))
+        .timeout_config(e.timeouts);
+    if let Some(url) = e.url {
+        loader = loader.endpoint_url(url);
+    }
+    if let Some((id, secret)) = e.credentials {
+        loader = loader.credentials_provider(Credentials::new(
+            id,
+            secret.expose(),
+            None,
+            None,
+            "blockfleet-config",
+        ));
+    }
+    loader.load().await
+}
