@@ -119,10 +119,16 @@ async fn attach(
         Some(hex_key) => {
             let wrapped = hex::decode(hex_key).context("--wrapped-key is not hex")?;
             let kms = blockfleet_core::kms::Kms::connect(&config.kms).await;
-            let key = kms.decrypt_key(&wrapped, &volume).await.with_context(|| {
-                format!("cannot unwrap the key of {volume} (no grant for this host?)")
-            })?;
-            Some(Arc::new(blockfleet_core::crypto::Xts::new(&key)))
+            // Through the key cache, as every key user: the plaintext key exists only as the
+            // cipher it holds, zeroized when the last user drops it.
+            let cache = blockfleet_core::kms::cache::KeyCache::new(Default::default());
+            let xts = cache
+                .get(&wrapped, &volume, || kms.decrypt_key(&wrapped, &volume))
+                .await
+                .with_context(|| {
+                    format!("cannot unwrap the key of {volume} (no grant for this host?)")
+                })?;
+            Some(xts)
         }
         None => None,
     };
