@@ -261,6 +261,18 @@ async fn manifest_key_held_by_the_kms() {
     );
 }
 
+/// Runs the `blockfleet` binary to completion off the async threads.
+async fn blockfleet(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_blockfleet"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 fn toml_config(dir: &std::path::Path, f: &Fleet, key: &KmsKeyId, who: &str) -> std::path::PathBuf {
     let p = dir.join(format!("{who}.toml"));
     std::fs::write(
@@ -287,34 +299,25 @@ async fn cli_snapshots_with_the_manifest_key_in_the_kms() {
     let dir = tempfile::tempdir().unwrap();
     let image: Vec<u8> = (0..3 * 512 * 1024u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(dir.path().join("d.raw"), &image).unwrap();
-    let run = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_blockfleet"))
-                .args(args)
-                .output()
-                .unwrap()
-        })
-    };
     let cfg = toml_config(dir.path(), &f, &key, "coordinator")
         .display()
         .to_string();
     let d = dir.path().display().to_string();
-    let out = run(vec![
+    let out = blockfleet(vec![
         "--config".into(),
         cfg.clone(),
         "snapshot".into(),
         "import".into(),
         format!("{d}/d.raw"),
     ])
-    .await
-    .unwrap();
+    .await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let out = run(vec![
+    let out = blockfleet(vec![
         "--config".into(),
         cfg,
         "snapshot".into(),
@@ -322,8 +325,7 @@ async fn cli_snapshots_with_the_manifest_key_in_the_kms() {
         id.clone(),
         format!("{d}/o.raw"),
     ])
-    .await
-    .unwrap();
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -339,15 +341,14 @@ async fn cli_snapshots_with_the_manifest_key_in_the_kms() {
     let bad = toml_config(dir.path(), &f, &key, "block-server")
         .display()
         .to_string();
-    let out = run(vec![
+    let out = blockfleet(vec![
         "--config".into(),
         bad,
         "snapshot".into(),
         "show".into(),
         id,
     ])
-    .await
-    .unwrap();
+    .await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("access denied"), "{err}");
@@ -439,7 +440,7 @@ async fn attach_needs_a_grant_and_serves_nbd() {
         ),
     )
     .unwrap();
-    let attach = |volume: &VolumeId| {
+    let attach = |volume: &VolumeId, wrapped: &str| {
         vec![
             "--config".to_owned(),
             host_cfg.display().to_string(),
@@ -449,22 +450,12 @@ async fn attach_needs_a_grant_and_serves_nbd() {
             "--volume".into(),
             volume.to_string(),
             "--wrapped-key".into(),
-            wrapped.clone(),
+            wrapped.to_owned(),
             "--listen".into(),
             "127.0.0.1:0".into(),
         ]
     };
-    let refused = tokio::task::spawn_blocking({
-        let args = attach(&v);
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_blockfleet"))
-                .args(args)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let refused = blockfleet(attach(&v, &wrapped)).await;
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -476,23 +467,12 @@ async fn attach_needs_a_grant_and_serves_nbd() {
     let other = VolumeId::generate();
     cp.create_grant(&key, "host-a", &other).await.unwrap();
     let other_wrapped = hex::encode(cp.generate_wrapped_key(&key, &other).await.unwrap());
-    let unknown = tokio::task::spawn_blocking({
-        let mut args = attach(&other);
-        args[8] = other_wrapped;
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_blockfleet"))
-                .args(args)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let unknown = blockfleet(attach(&other, &other_wrapped)).await;
     assert!(!unknown.status.success());
     let err = String::from_utf8_lossy(&unknown.stderr);
     assert!(err.contains(&format!("cannot open {other}")), "{err}");
 
-    let (mut agent, line) = spawn_line(attach(&v));
+    let (mut agent, line) = spawn_line(attach(&v, &wrapped));
     let addr = line.split_whitespace().nth(4).unwrap().to_owned();
     let uri = format!("nbd://{addr}/{v}");
     let out = tokio::task::spawn_blocking(move || {
