@@ -1,12 +1,10 @@
 //! `blockfleet snapshot import|export|ls|show`.
 
-use std::sync::Arc;
 
 use anyhow::Context;
 use blockfleet_core::config::Config;
 use blockfleet_core::ids::SnapshotId;
-use blockfleet_core::snapshot::{Archive, Manifest, ManifestKey};
-use blockfleet_core::store;
+use blockfleet_core::snapshot::{Archive, Manifest};
 use blockfleet_snapshot_service::{export_image, import_image, ExportOptions, ImportOptions};
 use serde::Serialize;
 
@@ -16,16 +14,14 @@ use crate::output::{emit, mb_per_s, Bar};
 /// Opens the configured store (proving it answers) and the manifest key: from the KMS when
 /// `snapshot.manifest_key_kms_key_id` is set, else from the key file.
 pub async fn open_archive(config: &Config) -> anyhow::Result<Archive> {
-    let store = store::open(&config.store).await?;
-    let key = match &config.snapshot.manifest_key_kms_key_id {
-        Some(kms_key) => {
-            let kms = blockfleet_core::kms::Kms::connect(&config.kms).await;
-            blockfleet_core::kms::manifest_key::load_or_create(store.as_ref(), &kms, kms_key)
-                .await?
-        }
-        None => ManifestKey::load_or_create(&config.snapshot.manifest_key_file)?,
-    };
-    Ok(Archive::new(store, Arc::new(key)))
+    Ok(
+        blockfleet_core::kms::manifest_key::open_archive(
+            &config.store,
+            &config.snapshot,
+            &config.kms,
+        )
+        .await?,
+    )
 }
 
 fn parse_id(s: &str) -> anyhow::Result<SnapshotId> {

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::store::Store;
 
-pub const OPS: [&str; 14] = [
+pub const OPS: [&str; 15] = [
     "create_volume",
     "delete_volume",
     "stat_volume",
@@ -28,6 +28,7 @@ pub const OPS: [&str; 14] = [
     "read_mark",
     "list_changed_chunks",
     "release_mark",
+    "unhydrated_chunks",
 ];
 
 /// Index of a request's operation in [`OPS`].
@@ -47,6 +48,7 @@ pub fn op_index(req: &Request) -> usize {
         Request::ReadMark { .. } => 11,
         Request::ListChangedChunks { .. } => 12,
         Request::ReleaseMark { .. } => 13,
+        Request::UnhydratedChunks { .. } => 14,
     }
 }
 

@@ -339,6 +339,11 @@ impl Store {
                 self.volume(&volume)?.release_mark(mark)?;
                 Response::Done
             }
+            Request::UnhydratedChunks {
+                volume,
+                from,
+                limit,
+            } => Response::Chunks(self.volume(&volume)?.unhydrated_chunks(from, limit)),
         })
     }
 

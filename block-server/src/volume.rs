@@ -298,6 +298,9 @@ impl Volume {
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, OpError> {
         self.check_io(offset, u64::from(len))?;
+        if self.hydrating {
+            self.check_hydrated(offset, u64::from(len))?;
+        }
         let file = Arc::clone(&self.file);
         file_io(len as usize, move || {
             let mut buf = vec![0u8; len as usize];
@@ -305,6 +308,40 @@ impl Volume {
             Ok(Bytes::from(buf))
         })
         .await
+    }
+
+    /// Refuses a read of units that hydration has not filled and the user has not written: the
+    /// block server does not hold their data yet (the host agent fetches it on demand).
+    fn check_hydrated(&self, offset: u64, len: u64) -> Result<(), OpError> {
+        let chunks = chunks_covering(offset, len)
+            .map_err(|e| op_err(ErrorCode::OutOfRange, e.to_string()))?;
+        let st = lock(&self.state);
+        for c in chunks {
+            let m = &st.chunks[c as usize];
+            if !m.hydrated && unit_bits(c, offset, len) & !m.user_written != 0 {
+                return Err(op_err(
+                    ErrorCode::NotHydrated,
+                    format!("chunk {c} of {} is not hydrated yet", self.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` (at most 65536) chunks at or after `from` not hydrated yet.
+    pub fn unhydrated_chunks(&self, from: u64, limit: u32) -> Vec<u64> {
+        if !self.hydrating {
+            return Vec::new();
+        }
+        let st = lock(&self.state);
+        let from = from.min(st.chunks.len() as u64) as usize;
+        st.chunks[from..]
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !m.hydrated)
+            .map(|(i, _)| (from + i) as u64)
+            .take(limit.min(65536) as usize)
+            .collect()
     }
 
     /// Copies aside, for the open mark, each chunk of `chunks` not copied yet. The caller holds
@@ -380,11 +417,11 @@ impl Volume {
             ));
         }
         self.check_chunk(chunk)?;
-        if data.len() as u64 != CHUNK {
+        if !data.is_empty() && data.len() as u64 != CHUNK {
             return Err(op_err(
                 ErrorCode::BadRequest,
                 format!(
-                    "hydration writes whole chunks of {CHUNK} bytes, got {}",
+                    "hydration writes whole chunks of {CHUNK} bytes (or none, for zeros), got {}",
                     data.len()
                 ),
             ));
@@ -401,7 +438,12 @@ impl Volume {
             m.user_written
         };
         let file = Arc::clone(&self.file);
+        // A zero chunk: the units the user has not written are holes already (a hydrating
+        // chunk is written only by the user), and a hole reads as a zero unit.
         blocking(move || {
+            if data.is_empty() {
+                return Ok(());
+            }
             // Write each run of units the user has not written.
             let mut u = 0u64;
             while u < SECTORS_PER_CHUNK {
@@ -441,6 +483,11 @@ impl Volume {
             hydrating: self.hydrating,
             open_mark: st.open.as_ref().map_or(0, |m| m.id),
             paused,
+            unhydrated: if self.hydrating {
+                st.chunks.iter().filter(|m| !m.hydrated).count() as u64
+            } else {
+                0
+            },
         }
     }
 

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod fleet;
+pub use fleet::{ControlPlaneConfig, TransformConfig};
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -45,6 +48,10 @@ pub struct Config {
     /// The embedded KMS server (`blockfleet kms`).
     #[serde(default)]
     pub kms_server: KmsServerConfig,
+    #[serde(default)]
+    pub control_plane: ControlPlaneConfig,
+    #[serde(default)]
+    pub transform: TransformConfig,
 }
 
 impl Config {
@@ -67,7 +74,9 @@ impl Config {
         self.snapshot.validate()?;
         self.block_server.validate()?;
         self.kms.validate()?;
-        self.kms_server.validate()
+        self.kms_server.validate()?;
+        self.control_plane.validate()?;
+        self.transform.validate()
     }
 }
 

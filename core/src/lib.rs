@@ -15,11 +15,13 @@
 //! - [`fsutil`]: crash-safe file writes (temp file, fsync, rename, fsync directory).
 
 #[cfg(any(feature = "s3", feature = "kms"))]
+pub mod api;
 pub mod aws;
 pub mod blockproto;
 pub mod config;
 pub mod crypto;
 pub mod fsutil;
+pub mod httpjson;
 pub mod ids;
 #[cfg(feature = "kms")]
 pub mod kms;

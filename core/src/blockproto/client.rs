@@ -339,6 +339,26 @@ impl BlockClient {
         }
     }
 
+    /// Up to `limit` unhydrated chunks at or after `from`.
+    pub async fn unhydrated_chunks(
+        &self,
+        volume: &VolumeId,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<u64>, ClientError> {
+        match self
+            .call(Request::UnhydratedChunks {
+                volume: volume.clone(),
+                from,
+                limit,
+            })
+            .await?
+        {
+            Response::Chunks(c) => Ok(c),
+            other => Err(unexpected("UnhydratedChunks", &other)),
+        }
+    }
+
     pub async fn chunk_state(
         &self,
         volume: &VolumeId,

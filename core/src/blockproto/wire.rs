@@ -11,6 +11,8 @@
 //! Versions (bump on every change, one line each):
 //! - V1: the first protocol: volumes, Read/Write(FUA)/Flush, WriteIfUnwritten, ChunkState,
 //!   Pause/Mark/Resume/ReadMark/ListChangedChunks/ReleaseMark.
+//! - V2: lazy hydration: `NotHydrated` error, `UnhydratedChunks`, `VolumeStat.unhydrated`,
+//!   an empty `WriteIfUnwritten` hydrates a chunk as zeros.
 //!
 //! Every decoder is total: any byte string yields a message or a [`DecodeError`], never a panic.
 
@@ -19,7 +21,7 @@ use thiserror::Error;
 
 use crate::ids::VolumeId;
 
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const MAGIC: &[u8; 8] = b"BFBLOCK\0";
 /// Largest data payload of one Read or Write.
 pub const MAX_IO: u32 = 8 << 20;
@@ -58,6 +60,8 @@ pub enum ErrorCode {
     AlreadyPaused = 10,
     Io = 11,
     ShuttingDown = 12,
+    /// A read touched units of a hydrating volume that hydration has not filled yet.
+    NotHydrated = 13,
 }
 
 impl ErrorCode {
@@ -76,6 +80,7 @@ impl ErrorCode {
             10 => AlreadyPaused,
             11 => Io,
             12 => ShuttingDown,
+            13 => NotHydrated,
             _ => return None,
         })
     }
@@ -113,6 +118,7 @@ pub enum Request {
         volume: VolumeId,
     },
     /// Writes a whole chunk except the 4 KiB units the user has written; replies with those.
+    /// Empty `data` hydrates the chunk as zeros (a chunk the source does not store).
     WriteIfUnwritten {
         volume: VolumeId,
         chunk: u64,
@@ -149,6 +155,12 @@ pub enum Request {
         volume: VolumeId,
         mark: u64,
     },
+    /// Up to `limit` chunks at or after `from` that hydration has not filled, ascending.
+    UnhydratedChunks {
+        volume: VolumeId,
+        from: u64,
+        limit: u32,
+    },
 }
 
 /// Per-chunk state as the server keeps it.
@@ -169,6 +181,8 @@ pub struct VolumeStat {
     /// Id of the open mark, 0 if none.
     pub open_mark: u64,
     pub paused: bool,
+    /// Chunks hydration has not filled yet (0 for a volume that is not hydrating).
+    pub unhydrated: u64,
 }
 
 /// A successful reply.
@@ -203,6 +217,7 @@ mod op {
     pub const READ_MARK: u8 = 12;
     pub const LIST_CHANGED: u8 = 13;
     pub const RELEASE_MARK: u8 = 14;
+    pub const UNHYDRATED: u8 = 15;
 }
 
 mod reply {
@@ -491,6 +506,16 @@ impl Request {
                 put_volume(&mut b, volume);
                 b.put_u64_le(*mark);
             }
+            Request::UnhydratedChunks {
+                volume,
+                from,
+                limit,
+            } => {
+                b.put_u8(op::UNHYDRATED);
+                put_volume(&mut b, volume);
+                b.put_u64_le(*from);
+                b.put_u32_le(*limit);
+            }
         }
         b
     }
@@ -573,6 +598,11 @@ impl Request {
                 volume: r.volume()?,
                 mark: r.u64()?,
             },
+            op::UNHYDRATED => Request::UnhydratedChunks {
+                volume: r.volume()?,
+                from: r.u64()?,
+                limit: r.u32()?,
+            },
             other => return Err(DecodeError::UnknownOpcode(other)),
         };
         r.end()?;
@@ -601,6 +631,7 @@ pub fn encode_response(id: u64, result: &Result<Response, (ErrorCode, String)>) 
                     b.put_u8(u8::from(s.hydrating));
                     b.put_u64_le(s.open_mark);
                     b.put_u8(u8::from(s.paused));
+                    b.put_u64_le(s.unhydrated);
                 }
                 Response::Data(d) => {
                     b.put_u8(reply::DATA);
@@ -666,6 +697,7 @@ fn decode_response_from(mut r: Reader<'_>) -> Result<DecodedResponse, DecodeErro
             hydrating: r.bool("hydrating")?,
             open_mark: r.u64()?,
             paused: r.bool("paused")?,
+            unhydrated: r.u64()?,
         }),
         reply::DATA => Response::Data(r.data()?),
         reply::SKIPPED => Response::Skipped(r.u128()?),
@@ -753,7 +785,15 @@ mod tests {
                 base: 1,
                 target: 0,
             },
-            Request::ReleaseMark { volume: v, mark: 2 },
+            Request::ReleaseMark {
+                volume: v.clone(),
+                mark: 2,
+            },
+            Request::UnhydratedChunks {
+                volume: v,
+                from: 4,
+                limit: 100,
+            },
         ]
     }
 
@@ -802,6 +842,7 @@ mod tests {
                 hydrating: false,
                 open_mark: 3,
                 paused: true,
+                unhydrated: 11,
             })),
             Ok(Response::Data(Bytes::from_static(b"abc"))),
             Ok(Response::Skipped(u128::MAX)),

@@ -58,3 +58,35 @@ pub async fn load_or_create(
         .map_err(|_| ManifestKeyError::Length(plain.len()))?;
     Ok(ManifestKey::from_bytes(bytes))
 }
+
+#[derive(Debug, Error)]
+pub enum OpenArchiveError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Kms(#[from] ManifestKeyError),
+    #[error(transparent)]
+    File(#[from] crate::snapshot::SnapshotError),
+}
+
+/// The snapshot archive of `config`: its object store and the fleet manifest key, from the
+/// KMS (as the principal of `kms`) when `snapshot.manifest_key_kms_key_id` is set, else from
+/// `snapshot.manifest_key_file`.
+pub async fn open_archive(
+    store: &crate::config::StoreConfig,
+    snapshot: &crate::config::SnapshotConfig,
+    kms: &crate::config::KmsClientConfig,
+) -> Result<crate::snapshot::Archive, OpenArchiveError> {
+    let store = crate::store::open(store).await?;
+    let key = match &snapshot.manifest_key_kms_key_id {
+        Some(kms_key) => {
+            let kms = Kms::connect(kms).await;
+            load_or_create(store.as_ref(), &kms, kms_key).await?
+        }
+        None => ManifestKey::load_or_create(&snapshot.manifest_key_file)?,
+    };
+    Ok(crate::snapshot::Archive::new(
+        store,
+        std::sync::Arc::new(key),
+    ))
+}

@@ -48,6 +48,10 @@ pub struct EncryptionHeader {
     pub wrapped_key: Vec<u8>,
     /// Always `aes-256-xts-plain64-4k` for now.
     pub cipher: String,
+    /// The volume whose encryption context (`blockfleet:volume`) the data key is bound to:
+    /// the volume the snapshot was taken of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_volume: Option<crate::ids::VolumeId>,
 }
 
 /// Cipher name for AES-256-XTS over 4096-byte units with the plain64 tweak.
@@ -224,6 +228,7 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::VolumeId;
     use proptest::prelude::*;
 
     fn sample(n: u64) -> Manifest {
@@ -237,6 +242,7 @@ mod tests {
                 kms_key_id: "alias/k".parse().unwrap(),
                 wrapped_key: vec![1, 2, 3],
                 cipher: CIPHER_XTS_4K.into(),
+                context_volume: Some(VolumeId::generate()),
             }),
             chunks: (0..n)
                 .map(|i| (i * 2, ChunkHash::of(&i.to_le_bytes())))

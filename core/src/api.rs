@@ -1,0 +1,353 @@
+//! The control plane's HTTP JSON API (docs/api.md): request and reply shapes shared by the
+//! control plane, the CLI, the host agent and the transform fleet, and a typed client.
+//!
+//! Every call is `POST /v1/<Action>` with a JSON body; errors are
+//! `{"error": {"code", "message"}}` (see [`crate::httpjson`]).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::httpjson::{HttpError, JsonClient};
+use crate::ids::{InstanceId, KmsKeyId, SnapshotId, VolumeId};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    /// Bytes; a whole number of 512 KiB chunks. Default: the snapshot's or source volume's size.
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub snapshot_id: Option<SnapshotId>,
+    #[serde(default)]
+    pub source_volume_id: Option<VolumeId>,
+    #[serde(default)]
+    pub encrypted: bool,
+    /// Implies `encrypted`; default: the fleet's default volume key.
+    #[serde(default)]
+    pub kms_key_id: Option<KmsKeyId>,
+    /// Volumes to create from the one source (1 to 64); they share one hydration job.
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// Being placed on block servers.
+    Creating,
+    /// Usable (reads of chunks not hydrated yet are fetched on demand).
+    Available,
+    InUse,
+    /// Hydration failed for good (e.g. a corrupt source chunk): chunks not hydrated cannot be read.
+    Impaired,
+    Deleting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HydrationState {
+    /// Waiting for a transform worker.
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hydration {
+    pub state: HydrationState,
+    pub job_id: String,
+    pub total_chunks: u64,
+    /// Read live from the block server; absent if it could not be asked.
+    pub hydrated_chunks: Option<u64>,
+    pub attempts: u32,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub instance_id: InstanceId,
+    pub device: String,
+    pub boot: bool,
+    /// The KMS principal of the host agent serving it (the grantee of the volume key).
+    pub host: String,
+    pub attached_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub volume_id: VolumeId,
+    pub size: u64,
+    pub state: VolumeState,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    pub snapshot_id: Option<SnapshotId>,
+    pub source_volume_id: Option<VolumeId>,
+    /// Block servers holding the volume.
+    pub placement: Vec<String>,
+    pub hydration: Option<Hydration>,
+    pub attachment: Option<Attachment>,
+    pub created_at: u64,
+    pub impaired_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumesReply {
+    pub volumes: Vec<Volume>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescribeVolumesRequest {
+    /// Empty: every volume.
+    #[serde(default)]
+    pub volume_ids: Vec<VolumeId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeIdRequest {
+    pub volume_id: VolumeId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolumeRequest {
+    pub volume_id: VolumeId,
+    pub instance_id: InstanceId,
+    /// Default `/dev/sdf`; unique per instance.
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub boot: bool,
+    /// The host agent's KMS principal; default: `control_plane.default_host`.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescribeInstancesRequest {
+    #[serde(default)]
+    pub instance_ids: Vec<InstanceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceVolume {
+    pub volume_id: VolumeId,
+    pub device: String,
+    pub boot: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub instance_id: InstanceId,
+    pub host: String,
+    pub volumes: Vec<InstanceVolume>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstancesReply {
+    pub instances: Vec<Instance>,
+}
+
+/// What a host agent needs to serve an attached volume (never a plaintext key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachInfo {
+    pub volume_id: VolumeId,
+    pub size: u64,
+    pub block_server: String,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    /// The KMS-wrapped data key, hex.
+    pub wrapped_key: Option<String>,
+    pub attachment: Attachment,
+    /// Transform workers that fetch unhydrated chunks on demand (empty: none needed).
+    pub fetch_endpoints: Vec<String>,
+}
+
+// ---- the transform fleet's side (`/v1/internal/...`) ----
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobSource {
+    Snapshot { snapshot_id: SnapshotId },
+}
+
+/// One volume a job fills.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTarget {
+    pub volume_id: VolumeId,
+    pub block_server: String,
+    pub size: u64,
+    pub kms_key_id: Option<String>,
+    /// Hex; absent for an unencrypted volume.
+    pub wrapped_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub job_id: String,
+    pub source: JobSource,
+    pub targets: Vec<JobTarget>,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimJobRequest {
+    pub worker: String,
+    /// The worker's on-demand fetch endpoint.
+    pub endpoint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimJobReply {
+    pub job: Option<Job>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobOutcome {
+    /// Still working: renews the lease.
+    Running,
+    Done,
+    /// Worth another attempt (something was unreachable).
+    Retry,
+    /// Will not succeed (corrupt or missing source): the targets become impaired.
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobReport {
+    pub job_id: String,
+    pub worker: String,
+    pub outcome: JobOutcome,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobReportReply {
+    /// False: the job is no longer this worker's (lease lost, or its volumes deleted).
+    pub keep_going: bool,
+    /// Targets deleted since the claim: stop writing them.
+    #[serde(default)]
+    pub dropped_targets: Vec<VolumeId>,
+}
+
+/// On-demand fetch, sent by a host agent to a transform worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchRequest {
+    pub volume_id: VolumeId,
+    pub chunks: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FetchReply {
+    pub hydrated: Vec<u64>,
+}
+
+/// A typed client of the control plane API.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneClient {
+    http: JsonClient,
+}
+
+impl ControlPlaneClient {
+    pub fn new(base: &str) -> Self {
+        ControlPlaneClient {
+            http: JsonClient::new(base, Duration::from_secs(60)),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        self.http.base()
+    }
+
+    pub async fn create_volume(&self, req: &CreateVolumeRequest) -> Result<Vec<Volume>, HttpError> {
+        let r: VolumesReply = self.http.post("/v1/CreateVolume", req).await?;
+        Ok(r.volumes)
+    }
+
+    pub async fn describe_volumes(&self, ids: &[VolumeId]) -> Result<Vec<Volume>, HttpError> {
+        let req = DescribeVolumesRequest {
+            volume_ids: ids.to_vec(),
+        };
+        let r: VolumesReply = self.http.post("/v1/DescribeVolumes", &req).await?;
+        Ok(r.volumes)
+    }
+
+    pub async fn delete_volume(&self, id: &VolumeId) -> Result<(), HttpError> {
+        let _: serde_json::Value = self
+            .http
+            .post(
+                "/v1/DeleteVolume",
+                &VolumeIdRequest {
+                    volume_id: id.clone(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn attach_volume(&self, req: &AttachVolumeRequest) -> Result<Attachment, HttpError> {
+        self.http.post("/v1/AttachVolume", req).await
+    }
+
+    pub async fn detach_volume(&self, id: &VolumeId) -> Result<(), HttpError> {
+        let _: serde_json::Value = self
+            .http
+            .post(
+                "/v1/DetachVolume",
+                &VolumeIdRequest {
+                    volume_id: id.clone(),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn describe_instances(&self, ids: &[InstanceId]) -> Result<Vec<Instance>, HttpError> {
+        let req = DescribeInstancesRequest {
+            instance_ids: ids.to_vec(),
+        };
+        let r: InstancesReply = self.http.post("/v1/DescribeInstances", &req).await?;
+        Ok(r.instances)
+    }
+
+    pub async fn attach_info(&self, id: &VolumeId) -> Result<AttachInfo, HttpError> {
+        self.http
+            .post(
+                "/v1/internal/AttachInfo",
+                &VolumeIdRequest {
+                    volume_id: id.clone(),
+                },
+            )
+            .await
+    }
+
+    pub async fn claim_job(&self, req: &ClaimJobRequest) -> Result<Option<Job>, HttpError> {
+        let r: ClaimJobReply = self.http.post("/v1/internal/ClaimJob", req).await?;
+        Ok(r.job)
+    }
+
+    pub async fn report_job(&self, req: &JobReport) -> Result<JobReportReply, HttpError> {
+        self.http.post("/v1/internal/ReportJob", req).await
+    }
+
+    /// The hydration job that fills `volume` (for on-demand fetches).
+    pub async fn job_for_volume(&self, id: &VolumeId) -> Result<Job, HttpError> {
+        self.http
+            .post(
+                "/v1/internal/JobForVolume",
+                &VolumeIdRequest {
+                    volume_id: id.clone(),
+                },
+            )
+            .await
+    }
+}

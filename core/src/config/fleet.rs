@@ -1,0 +1,183 @@
+//! The `[control_plane]` and `[transform]` sections.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{invalid, ConfigError, KmsClientConfig};
+
+/// The `[control_plane]` section: the HTTP API, volume state, placement and hydration jobs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    #[serde(default = "default_cp_listen")]
+    pub listen: String,
+    /// Volume, attachment and job state (sled).
+    #[serde(default = "default_cp_data_dir")]
+    pub data_dir: PathBuf,
+    /// The block servers volumes are placed on (`host:port`).
+    #[serde(default = "default_block_servers")]
+    pub block_servers: Vec<String>,
+    /// KMS principal of the host agent that serves an attachment when the caller names none.
+    #[serde(default = "default_host")]
+    pub default_host: String,
+    /// A transform worker that has not reported for this long loses its job to another worker.
+    #[serde(default = "default_lease_ms")]
+    pub job_lease_ms: u64,
+    /// Retryable failures (KMS, block server or store unreachable) of one job before the
+    /// volumes it fills are marked impaired.
+    #[serde(default = "default_max_attempts")]
+    pub job_max_attempts: u32,
+    /// The control plane's own KMS principal (role `control_plane`); `[kms]` if absent.
+    #[serde(default)]
+    pub kms: Option<KmsClientConfig>,
+}
+
+fn default_cp_listen() -> String {
+    "127.0.0.1:7000".into()
+}
+fn default_cp_data_dir() -> PathBuf {
+    PathBuf::from("blockfleet-data/control-plane")
+}
+fn default_block_servers() -> Vec<String> {
+    vec!["127.0.0.1:7100".into()]
+}
+fn default_host() -> String {
+    "host-local".into()
+}
+fn default_lease_ms() -> u64 {
+    10_000
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        ControlPlaneConfig {
+            listen: default_cp_listen(),
+            data_dir: default_cp_data_dir(),
+            block_servers: default_block_servers(),
+            default_host: default_host(),
+            job_lease_ms: default_lease_ms(),
+            job_max_attempts: default_max_attempts(),
+            kms: None,
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.block_servers.is_empty() {
+            return Err(invalid(
+                "control_plane.block_servers",
+                "name at least one block server",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for b in &self.block_servers {
+            if !seen.insert(b) {
+                return Err(invalid(
+                    "control_plane.block_servers",
+                    format!("{b} is listed twice"),
+                ));
+            }
+        }
+        if !(500..=3_600_000).contains(&self.job_lease_ms) {
+            return Err(invalid(
+                "control_plane.job_lease_ms",
+                "must be 500 to 3600000",
+            ));
+        }
+        if !(1..=1000).contains(&self.job_max_attempts) {
+            return Err(invalid(
+                "control_plane.job_max_attempts",
+                "must be 1 to 1000",
+            ));
+        }
+        if self.default_host.is_empty() {
+            return Err(invalid("control_plane.default_host", "must not be empty"));
+        }
+        if let Some(k) = &self.kms {
+            k.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// The `[transform]` section: one transform worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    /// The on-demand fetch endpoint host agents call for unhydrated chunks.
+    #[serde(default = "default_tf_listen")]
+    pub listen: String,
+    /// The control plane's base URL.
+    #[serde(default = "default_control_plane_url")]
+    pub control_plane: String,
+    /// Source chunks in flight per job (memory: about (1 + targets) x 512 KiB each).
+    #[serde(default = "default_tf_concurrency")]
+    pub concurrency: usize,
+    /// Background hydration rate limit in MiB/s of source chunks; on-demand fetches are not
+    /// limited. 0 = unlimited.
+    #[serde(default)]
+    pub background_mib_per_sec: u64,
+    /// How often the worker asks for a job when idle.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// Where to serve Prometheus `/metrics`; none if absent.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// The worker's KMS principal (role `transform`); `[kms]` if absent.
+    #[serde(default)]
+    pub kms: Option<KmsClientConfig>,
+}
+
+fn default_tf_listen() -> String {
+    "127.0.0.1:7400".into()
+}
+fn default_control_plane_url() -> String {
+    "http://127.0.0.1:7000".into()
+}
+fn default_tf_concurrency() -> usize {
+    16
+}
+fn default_poll_ms() -> u64 {
+    500
+}
+
+impl Default for TransformConfig {
+    fn default() -> Self {
+        TransformConfig {
+            listen: default_tf_listen(),
+            control_plane: default_control_plane_url(),
+            concurrency: default_tf_concurrency(),
+            background_mib_per_sec: 0,
+            poll_ms: default_poll_ms(),
+            metrics_listen: None,
+            kms: None,
+        }
+    }
+}
+
+impl TransformConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.control_plane.starts_with("http://") || self.control_plane.starts_with("https://"))
+        {
+            return Err(invalid(
+                "transform.control_plane",
+                format!("{:?} is not an http:// URL", self.control_plane),
+            ));
+        }
+        if !(1..=256).contains(&self.concurrency) {
+            return Err(invalid("transform.concurrency", "must be 1 to 256"));
+        }
+        if !(10..=60_000).contains(&self.poll_ms) {
+            return Err(invalid("transform.poll_ms", "must be 10 to 60000"));
+        }
+        if let Some(k) = &self.kms {
+            k.validate()?;
+        }
+        Ok(())
+    }
+}

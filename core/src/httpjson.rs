@@ -1,0 +1,336 @@
+//! JSON over HTTP/1.1 between blockfleet services (control plane API, transform fetch
+//! endpoint): a tiny accept loop with graceful shutdown, a client, and one error shape:
+//! `{"error": {"code": "...", "message": "..."}}` with a 4xx/5xx status.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+/// Request bodies larger than this are refused.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// An API error as it goes on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self::new(400, code, message)
+    }
+    pub fn not_found(code: &str, message: impl Into<String>) -> Self {
+        Self::new(404, code, message)
+    }
+    pub fn conflict(code: &str, message: impl Into<String>) -> Self {
+        Self::new(409, code, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "InternalError", message)
+    }
+    pub fn unavailable(code: &str, message: impl Into<String>) -> Self {
+        Self::new(503, code, message)
+    }
+}
+
+/// What a handler answers: a JSON value or an error.
+pub type Reply = Result<serde_json::Value, ApiError>;
+
+fn respond(reply: Reply) -> Response<Full<Bytes>> {
+    let (status, body) = match reply {
+        Ok(v) => (StatusCode::OK, v),
+        Err(e) => (
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            json!({ "error": { "code": e.code, "message": e.message } }),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string() + "\n")))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+/// Parses a request body, naming the problem in the error.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("InvalidParameter", format!("request body: {e}")))
+}
+
+/// Serves `handler(method, path, body)` on `listener` until `shutdown` resolves.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    handler: H,
+) where
+    H: Fn(Method, String, Bytes) -> F + Send + Sync + 'static,
+    F: Future<Output = Reply> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    // Open keep-alive connections finish their request in flight and close at shutdown.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => {
+                let _ = stop_tx.send(true);
+                break;
+            }
+            a = listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let handler = Arc::clone(&handler);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let handler = Arc::clone(&handler);
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let reply = match Limited::new(body, MAX_BODY).collect().await {
+                        Ok(b) => handler(parts.method, parts.uri.path().to_owned(), b.to_bytes()).await,
+                        Err(_) => Err(ApiError::new(
+                            413,
+                            "RequestTooLarge",
+                            format!("request body larger than {MAX_BODY} bytes or unreadable"),
+                        )),
+                    };
+                    Ok::<_, std::convert::Infallible>(respond(reply))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            tokio::pin!(conn);
+            let stopping = tokio::select! {
+                _ = conn.as_mut() => false,
+                r = stop.wait_for(|s| *s) => r.is_ok(),
+            };
+            if stopping {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        });
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum HttpError {
+    #[error("{url}: cannot reach the service: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{url}: timed out after {secs} s")]
+    Timeout { url: String, secs: u64 },
+    #[error("{0}")]
+    Api(ApiError),
+    #[error("{url}: unexpected reply: {reason}")]
+    BadReply { url: String, reason: String },
+}
+
+impl HttpError {
+    /// The API error code, if the service answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            HttpError::Api(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorInner,
+}
+#[derive(Deserialize)]
+struct ErrorInner {
+    code: String,
+    message: String,
+}
+
+/// A JSON client for one service.
+#[derive(Debug, Clone)]
+pub struct JsonClient {
+    base: String,
+    timeout: Duration,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl JsonClient {
+    /// `base`: `http://host:port` (a bare `host:port` gets `http://`).
+    pub fn new(base: &str, timeout: Duration) -> Self {
+        let base = if base.contains("://") {
+            base.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{base}")
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.set_nodelay(true);
+        JsonClient {
+            base,
+            timeout,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// POSTs `body` as JSON to `path` and parses the reply.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, HttpError> {
+        self.send(Method::POST, path, serde_json::to_vec(body).unwrap_or_default())
+            .await
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, HttpError> {
+        self.send(Method::GET, path, Vec::new()).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<T, HttpError> {
+        let url = format!("{}{path}", self.base);
+        let req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| HttpError::BadReply {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let work = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| HttpError::Unreachable {
+                    url: url.clone(),
+                    reason: error_chain(&e),
+                })?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), 64 << 20)
+                .collect()
+                .await
+                .map_err(|e| HttpError::Unreachable {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            Ok::<_, HttpError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| HttpError::Timeout {
+                url: url.clone(),
+                secs: self.timeout.as_secs(),
+            })??;
+        if status.is_success() {
+            serde_json::from_slice(&bytes).map_err(|e| HttpError::BadReply {
+                url,
+                reason: e.to_string(),
+            })
+        } else {
+            let e: ErrorBody = serde_json::from_slice(&bytes).map_err(|_| HttpError::BadReply {
+                url: url.clone(),
+                reason: format!("status {status}: {}", String::from_utf8_lossy(&bytes)),
+            })?;
+            Err(HttpError::Api(ApiError {
+                status: status.as_u16(),
+                code: e.error.code,
+                message: e.error.message,
+            }))
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trip_and_errors() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            async {
+                let _ = rx.await;
+            },
+            |_m, path, body| async move {
+                match path.as_str() {
+                    "/echo" => {
+                        let v: serde_json::Value = parse(&body)?;
+                        Ok(v)
+                    }
+                    _ => Err(ApiError::not_found("NoSuchAction", path)),
+                }
+            },
+        ));
+        let c = JsonClient::new(&addr.to_string(), Duration::from_secs(5));
+        let v: serde_json::Value = c.post("/echo", &json!({"a": 1})).await.unwrap();
+        assert_eq!(v, json!({"a": 1}));
+        let e = c
+            .post::<_, serde_json::Value>("/nope", &json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some("NoSuchAction"));
+        let raw = c.send::<serde_json::Value>(Method::POST, "/echo", b"{bad".to_vec()).await;
+        assert_eq!(raw.unwrap_err().code(), Some("InvalidParameter"));
+        tx.send(()).unwrap();
+        server.await.unwrap();
+        let down = c.get::<serde_json::Value>("/echo").await.unwrap_err();
+        assert!(matches!(down, HttpError::Unreachable { .. }), "{down}");
+    }
+}
