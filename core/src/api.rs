@@ -39,8 +39,6 @@ pub enum VolumeState {
     /// Usable (reads of chunks not hydrated yet are fetched on demand).
     Available,
     InUse,
-    /// Hydration failed for good (e.g. a corrupt source chunk): chunks not hydrated cannot be read.
-    Impaired,
     Deleting,
 }
 
@@ -89,6 +87,9 @@ pub struct Volume {
     pub hydration: Option<Hydration>,
     pub attachment: Option<Attachment>,
     pub created_at: u64,
+    /// `ok`, or `impaired`: hydration failed for good (e.g. a corrupt source chunk), and reads
+    /// of chunks it did not fill fail rather than return wrong data.
+    pub status: String,
     pub impaired_reason: Option<String>,
 }
 

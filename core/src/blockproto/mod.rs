@@ -5,8 +5,12 @@
 //! - [`client`]: a pipelined client: many requests in flight on one connection, answered out of
 //!   order and matched by request id.
 
+//! - [`pool`]: one shared connection per block server.
+
 pub mod client;
+pub mod pool;
 pub mod wire;
 
 pub use client::{BlockClient, ClientError};
+pub use pool::BlockPool;
 pub use wire::{ChunkInfo, ErrorCode, Request, Response, VolumeStat, PROTOCOL_VERSION};

@@ -1,0 +1,53 @@
+//! One shared connection per block server, reconnected after it breaks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{BlockClient, ClientError};
+
+/// Connections by block-server address.
+#[derive(Debug, Default)]
+pub struct BlockPool {
+    clients: Mutex<HashMap<String, Arc<BlockClient>>>,
+}
+
+impl BlockPool {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The connection to `addr`, opened (within 5 s) if there is none.
+    pub async fn get(&self, addr: &str) -> Result<Arc<BlockClient>, ClientError> {
+        if let Some(c) = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+        {
+            return Ok(Arc::clone(c));
+        }
+        let c = tokio::time::timeout(Duration::from_secs(5), BlockClient::connect(addr))
+            .await
+            .map_err(|_| ClientError::ConnectionLost {
+                addr: addr.to_owned(),
+                reason: "connect timed out after 5 s".into(),
+            })??;
+        let c = Arc::new(c);
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.to_owned(), Arc::clone(&c));
+        Ok(c)
+    }
+
+    /// Forgets a connection after an error that may mean it is broken.
+    pub fn forget_if_broken(&self, addr: &str, e: &ClientError) {
+        if e.code().is_none() {
+            self.clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(addr);
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The control plane (`blockfleet control-plane`): the HTTP JSON API of docs/api.md over
+//! volumes, attachments and instances, placement of volumes on block servers, and the
+//! hydration jobs transform workers claim.
+//!
+//! - [`volumes`]: CreateVolume, DescribeVolumes, DeleteVolume, AttachVolume, DetachVolume,
+//!   DescribeInstances.
+//! - [`jobs`]: the transform fleet's side: ClaimJob, ReportJob, JobForVolume, AttachInfo.
+//!
+//! The control plane holds wrapped data keys only: it asks the KMS for
+//! GenerateDataKeyWithoutPlaintext and grants, never for Decrypt (the KMS policy denies it).
+
+mod jobs;
+mod volumes;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use blockfleet_core::blockproto::{BlockPool, ClientError};
+use blockfleet_core::config::{ControlPlaneConfig, KmsClientConfig};
+use blockfleet_core::httpjson::{self, ApiError, Reply};
+use blockfleet_core::kms::{Kms, KmsError};
+use blockfleet_core::snapshot::Archive;
+use bytes::Bytes;
+use hyper::Method;
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::state::{State, StateError};
+
+#[derive(Debug, Error)]
+pub enum ControlPlaneError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("control plane: {0}")]
+    Config(String),
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        tracing::error!(error = %e, "control plane state");
+        ApiError::internal(e.to_string())
+    }
+}
+
+pub(crate) fn kms_error(e: KmsError) -> ApiError {
+    match &e {
+        KmsError::NotFound(_) => ApiError::bad_request("InvalidKmsKey.NotFound", e.to_string()),
+        KmsError::Unreachable(_) => ApiError::unavailable("KmsUnavailable", e.to_string()),
+        KmsError::AccessDenied(_) => ApiError::new(403, "KmsAccessDenied", e.to_string()),
+        _ => ApiError::new(502, "KmsError", e.to_string()),
+    }
+}
+
+pub(crate) fn block_error(addr: &str, e: &ClientError) -> ApiError {
+    ApiError::unavailable(
+        "BlockServerUnavailable",
+        format!("block server {addr}: {e}"),
+    )
+}
+
+/// Everything a handler needs.
+#[derive(Debug)]
+pub(crate) struct ControlPlane {
+    config: ControlPlaneConfig,
+    state: State,
+    kms: Kms,
+    archive: Archive,
+    blocks: BlockPool,
+    /// Serialises changes (they span KMS and block-server calls); reads do not wait on it.
+    changes: tokio::sync::Mutex<()>,
+    /// Transform workers' fetch endpoints by worker name, with when each last reported.
+    workers: Mutex<HashMap<String, (String, u64)>>,
+}
+
+impl ControlPlane {
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.config.job_lease_ms)
+    }
+
+    /// Fetch endpoints of workers heard from within a lease period.
+    fn live_workers(&self) -> Vec<String> {
+        let horizon = now_ms().saturating_sub(self.config.job_lease_ms);
+        let w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(u64, String)> = w
+            .values()
+            .filter(|(_, seen)| *seen >= horizon)
+            .map(|(e, seen)| (*seen, e.clone()))
+            .collect();
+        v.sort_by(|a, b| b.cmp(a));
+        v.into_iter().map(|(_, e)| e).collect()
+    }
+
+    fn saw_worker(&self, worker: &str, endpoint: &str) {
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(worker.to_owned(), (endpoint.to_owned(), now_ms()));
+    }
+
+    async fn route(self: Arc<Self>, method: Method, path: String, body: Bytes) -> Reply {
+        if method != Method::POST {
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                "every action is POST /v1/<Action> with a JSON body",
+            ));
+        }
+        let action = path.strip_prefix("/v1/").unwrap_or("");
+        let reply = match action {
+            "CreateVolume" => self.create_volume(&body).await,
+            "DescribeVolumes" => self.describe_volumes(&body).await,
+            "DeleteVolume" => self.delete_volume(&body).await,
+            "AttachVolume" => self.attach_volume(&body).await,
+            "DetachVolume" => self.detach_volume(&body).await,
+            "DescribeInstances" => self.describe_instances(&body),
+            "internal/AttachInfo" => self.attach_info(&body),
+            "internal/ClaimJob" => self.claim_job(&body).await,
+            "internal/ReportJob" => self.report_job(&body).await,
+            "internal/JobForVolume" => self.job_for_volume(&body),
+            _ => Err(ApiError::not_found(
+                "InvalidAction",
+                format!("no action at {path}"),
+            )),
+        };
+        match &reply {
+            Ok(_) => tracing::debug!(action, "served"),
+            Err(e) => tracing::info!(action, code = %e.code, error = %e.message, "refused"),
+        }
+        reply
+    }
+}
+
+/// Serves the control plane on `listener` until `shutdown` resolves.
+///
+/// `archive` reads snapshot manifests (to check a snapshot exists and its size); `kms` is the
+/// control plane's own principal.
+pub async fn run(
+    config: ControlPlaneConfig,
+    kms: &KmsClientConfig,
+    archive: Archive,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ControlPlaneError> {
+    config
+        .validate()
+        .map_err(|e| ControlPlaneError::Config(e.to_string()))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        ControlPlaneError::Config(format!("data_dir {}: {e}", config.data_dir.display()))
+    })?;
+    let state = State::open(&config.data_dir)?;
+    let cp = Arc::new(ControlPlane {
+        kms: Kms::connect(kms).await,
+        config,
+        state,
+        archive,
+        blocks: BlockPool::new(),
+        changes: tokio::sync::Mutex::new(()),
+        workers: Mutex::new(HashMap::new()),
+    });
+    let handler_cp = Arc::clone(&cp);
+    httpjson::serve(listener, shutdown, move |m, p, b| {
+        Arc::clone(&handler_cp).route(m, p, b)
+    })
+    .await;
+    cp.state.flush()?;
+    Ok(())
+}

@@ -1,0 +1,504 @@
+//! Volume, attachment and instance actions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockfleet_core::api::{
+    AttachVolumeRequest, Attachment, CreateVolumeRequest, DescribeInstancesRequest,
+    DescribeVolumesRequest, Hydration, HydrationState, Instance, InstanceVolume, JobSource,
+    Volume, VolumeIdRequest, VolumeState,
+};
+use blockfleet_core::blockproto::ErrorCode;
+use blockfleet_core::httpjson::{parse, ApiError, Reply};
+use blockfleet_core::ids::{KmsKeyId, VolumeId};
+use blockfleet_core::snapshot::SnapshotError;
+use blockfleet_core::units::{chunk_count, CHUNK};
+use serde_json::json;
+
+use super::{block_error, kms_error, now_ms, ControlPlane};
+use crate::state::{AttachmentRecord, JobRecord, VolumeRecord};
+
+const MAX_COUNT: u32 = 64;
+const MAX_SIZE: u64 = 64 << 40;
+const DEFAULT_KEY_SETTING: &str = "default_kms_key_id";
+
+fn volume_not_found(id: &VolumeId) -> ApiError {
+    ApiError::not_found(
+        "InvalidVolume.NotFound",
+        format!("volume {id} does not exist"),
+    )
+}
+
+impl ControlPlane {
+    pub(super) fn get_volume(&self, id: &VolumeId) -> Result<VolumeRecord, ApiError> {
+        self.state.volume(id)?.ok_or_else(|| volume_not_found(id))
+    }
+
+    /// The fleet's default volume key, created on first use (like AWS's `aws/ebs`).
+    async fn default_key(&self) -> Result<String, ApiError> {
+        if let Some(k) = self.state.setting(DEFAULT_KEY_SETTING)? {
+            return Ok(k);
+        }
+        let k = self
+            .kms
+            .create_key("blockfleet default volume key")
+            .await
+            .map_err(kms_error)?;
+        self.state.put_setting(DEFAULT_KEY_SETTING, &k)?;
+        self.state.flush()?;
+        Ok(k)
+    }
+
+    /// Block servers ordered by how few volumes they hold (then as configured).
+    fn placement_order(&self) -> Result<Vec<String>, ApiError> {
+        let mut load: BTreeMap<&str, usize> = self
+            .config
+            .block_servers
+            .iter()
+            .map(|b| (b.as_str(), 0))
+            .collect();
+        let vols = self.state.volumes()?;
+        for v in &vols {
+            for p in &v.placement {
+                if let Some(n) = load.get_mut(p.as_str()) {
+                    *n += 1;
+                }
+            }
+        }
+        let mut order: Vec<(usize, usize, String)> = self
+            .config
+            .block_servers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (load[b.as_str()], i, b.clone()))
+            .collect();
+        order.sort();
+        Ok(order.into_iter().map(|(_, _, b)| b).collect())
+    }
+
+    pub(super) async fn create_volume(self: &Arc<Self>, body: &[u8]) -> Reply {
+        let req: CreateVolumeRequest = parse(body)?;
+        let count = req.count.unwrap_or(1);
+        if !(1..=MAX_COUNT).contains(&count) {
+            return Err(ApiError::bad_request(
+                "InvalidParameterValue",
+                format!("count must be 1 to {MAX_COUNT}, got {count}"),
+            ));
+        }
+        if req.source_volume_id.is_some() {
+            return Err(ApiError::bad_request(
+                "UnsupportedOperation",
+                "creating a volume from another volume is not supported yet: snapshot it and create from the snapshot",
+            ));
+        }
+        let snapshot_size = match &req.snapshot_id {
+            Some(s) => Some(
+                self.archive
+                    .get_manifest(s)
+                    .await
+                    .map_err(|e| match e {
+                        SnapshotError::NotFound(_) => ApiError::not_found(
+                            "InvalidSnapshot.NotFound",
+                            format!("snapshot {s} does not exist"),
+                        ),
+                        SnapshotError::Store(ref se) if !se.is_not_found() => {
+                            ApiError::unavailable("StoreUnavailable", e.to_string())
+                        }
+                        other => ApiError::bad_request("InvalidSnapshot.Corrupt", other.to_string()),
+                    })?
+                    .volume_size,
+            ),
+            None => None,
+        };
+        let size = match (req.size, snapshot_size) {
+            (Some(s), Some(min)) if s < min => {
+                return Err(ApiError::bad_request(
+                    "InvalidParameterValue",
+                    format!("size {s} is smaller than the snapshot's {min} bytes"),
+                ))
+            }
+            (Some(s), _) => s,
+            (None, Some(min)) => min.div_ceil(CHUNK) * CHUNK,
+            (None, None) => {
+                return Err(ApiError::bad_request(
+                    "MissingParameter",
+                    "give a size, a snapshot_id, or both",
+                ))
+            }
+        };
+        if size == 0 || size % CHUNK != 0 || size > MAX_SIZE {
+            return Err(ApiError::bad_request(
+                "InvalidParameterValue",
+                format!("size {size}: must be a positive multiple of {CHUNK} bytes (512 KiB), at most {MAX_SIZE}"),
+            ));
+        }
+        let _changes = self.changes.lock().await;
+        let key = if req.encrypted || req.kms_key_id.is_some() {
+            let asked = match &req.kms_key_id {
+                Some(k) => k.clone(),
+                None => self.default_key().await?.parse().map_err(|e| {
+                    ApiError::internal(format!("stored default key id: {e}"))
+                })?,
+            };
+            let resolved = self.kms.describe_key(&asked).await.map_err(kms_error)?;
+            Some(resolved)
+        } else {
+            None
+        };
+        let order = self.placement_order()?;
+        let job_id = req
+            .snapshot_id
+            .as_ref()
+            .map(|_| format!("job-{}", &VolumeId::generate().as_str()[4..]));
+        let mut made: Vec<VolumeRecord> = Vec::new();
+        let result = async {
+            for i in 0..count as usize {
+                let id = VolumeId::generate();
+                let wrapped = match &key {
+                    Some(k) => {
+                        let kid: KmsKeyId = k.parse().map_err(|e| {
+                            ApiError::internal(format!("KMS key id {k}: {e}"))
+                        })?;
+                        Some(hex::encode(
+                            self.kms
+                                .generate_wrapped_key(&kid, &id)
+                                .await
+                                .map_err(kms_error)?,
+                        ))
+                    }
+                    None => None,
+                };
+                let server = order[i % order.len()].clone();
+                let mut rec = VolumeRecord {
+                    id: id.clone(),
+                    size,
+                    state: VolumeState::Creating,
+                    kms_key_id: key.clone(),
+                    wrapped_key: wrapped,
+                    snapshot_id: req.snapshot_id.clone(),
+                    placement: vec![server.clone()],
+                    job_id: job_id.clone(),
+                    attachment: None,
+                    created_at: now_ms() / 1000,
+                    impaired_reason: None,
+                };
+                // Recorded before the block server hears of it: a crash in between leaves a
+                // visible `creating` volume, never an orphan extent nobody knows about.
+                self.state.put_volume(&rec)?;
+                made.push(rec.clone());
+                let client = self
+                    .blocks
+                    .get(&server)
+                    .await
+                    .map_err(|e| block_error(&server, &e))?;
+                client
+                    .create_volume(&id, size, job_id.is_some())
+                    .await
+                    .map_err(|e| {
+                        self.blocks.forget_if_broken(&server, &e);
+                        block_error(&server, &e)
+                    })?;
+                rec.state = VolumeState::Available;
+                self.state.put_volume(&rec)?;
+                *made.last_mut().ok_or_else(|| ApiError::internal("lost a record"))? = rec;
+            }
+            if let (Some(job), Some(snap)) = (&job_id, &req.snapshot_id) {
+                self.state.put_job(&JobRecord {
+                    id: job.clone(),
+                    source: JobSource::Snapshot {
+                        snapshot_id: snap.clone(),
+                    },
+                    targets: made.iter().map(|v| v.id.clone()).collect(),
+                    state: HydrationState::Pending,
+                    lease: None,
+                    attempts: 0,
+                    error: None,
+                })?;
+            }
+            self.state.flush()?;
+            Ok::<_, ApiError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            // All or nothing: undo the volumes made so far.
+            for v in &made {
+                if let Ok(c) = self.blocks.get(&v.placement[0]).await {
+                    let _ = c.delete_volume(&v.id).await;
+                }
+                let _ = self.state.remove_volume(&v.id);
+            }
+            let _ = self.state.flush();
+            return Err(e);
+        }
+        tracing::info!(count, size, job = ?job_id, "volumes created");
+        let mut out = Vec::new();
+        for v in &made {
+            out.push(self.describe(v).await?);
+        }
+        Ok(json!({ "volumes": out }))
+    }
+
+    /// The API view of a volume, with hydration progress read live from its block server.
+    pub(super) async fn describe(&self, v: &VolumeRecord) -> Result<Volume, ApiError> {
+        let hydration = match &v.job_id {
+            None => None,
+            Some(job_id) => {
+                let job = self.state.job(job_id)?;
+                let total = chunk_count(v.size);
+                let (state, attempts, error) = match &job {
+                    Some(j) => (j.state, j.attempts, j.error.clone()),
+                    // A finished job is dropped with its last target; its volumes are whole.
+                    None => (HydrationState::Done, 0, None),
+                };
+                let hydrated = if state == HydrationState::Done {
+                    Some(total)
+                } else {
+                    self.unhydrated(v).await.map(|u| total.saturating_sub(u))
+                };
+                Some(Hydration {
+                    state,
+                    job_id: job_id.clone(),
+                    total_chunks: total,
+                    hydrated_chunks: hydrated,
+                    attempts,
+                    error,
+                })
+            }
+        };
+        Ok(Volume {
+            volume_id: v.id.clone(),
+            size: v.size,
+            state: v.state,
+            encrypted: v.kms_key_id.is_some(),
+            kms_key_id: v.kms_key_id.clone(),
+            snapshot_id: v.snapshot_id.clone(),
+            source_volume_id: None,
+            placement: v.placement.clone(),
+            hydration,
+            attachment: v.attachment.as_ref().map(|a| a.attachment.clone()),
+            created_at: v.created_at,
+            status: if v.impaired_reason.is_some() {
+                "impaired".into()
+            } else {
+                "ok".into()
+            },
+            impaired_reason: v.impaired_reason.clone(),
+        })
+    }
+
+    async fn unhydrated(&self, v: &VolumeRecord) -> Option<u64> {
+        let addr = v.placement.first()?;
+        let ask = async {
+            let c = self.blocks.get(addr).await?;
+            let r = c.stat_volume(&v.id).await;
+            if let Err(e) = &r {
+                self.blocks.forget_if_broken(addr, e);
+            }
+            r
+        };
+        match tokio::time::timeout(Duration::from_secs(2), ask).await {
+            Ok(Ok(stat)) => Some(stat.unhydrated),
+            _ => None,
+        }
+    }
+
+    pub(super) async fn describe_volumes(&self, body: &[u8]) -> Reply {
+        let req: DescribeVolumesRequest = parse(body)?;
+        let records = if req.volume_ids.is_empty() {
+            self.state.volumes()?
+        } else {
+            req.volume_ids
+                .iter()
+                .map(|id| self.get_volume(id))
+                .collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(records.len());
+        for v in &records {
+            out.push(self.describe(v).await?);
+        }
+        Ok(json!({ "volumes": out }))
+    }
+
+    pub(super) async fn delete_volume(&self, body: &[u8]) -> Reply {
+        let req: VolumeIdRequest = parse(body)?;
+        let _changes = self.changes.lock().await;
+        let mut v = self.get_volume(&req.volume_id)?;
+        if let Some(a) = &v.attachment {
+            return Err(ApiError::conflict(
+                "VolumeInUse",
+                format!(
+                    "volume {} is attached to {}: detach it first",
+                    v.id, a.attachment.instance_id
+                ),
+            ));
+        }
+        v.state = VolumeState::Deleting;
+        self.state.put_volume(&v)?;
+        self.state.flush()?;
+        for addr in &v.placement {
+            let c = self.blocks.get(addr).await.map_err(|e| block_error(addr, &e))?;
+            match c.delete_volume(&v.id).await {
+                Ok(()) => {}
+                Err(e) if e.code() == Some(ErrorCode::NoSuchVolume) => {}
+                Err(e) => {
+                    self.blocks.forget_if_broken(addr, &e);
+                    return Err(block_error(addr, &e));
+                }
+            }
+        }
+        if let Some(job_id) = &v.job_id {
+            if let Some(mut job) = self.state.job(job_id)? {
+                job.targets.retain(|t| t != &v.id);
+                if job.targets.is_empty() {
+                    self.state.remove_job(job_id)?;
+                } else {
+                    self.state.put_job(&job)?;
+                }
+            }
+        }
+        self.state.remove_volume(&v.id)?;
+        self.state.flush()?;
+        tracing::info!(volume = %v.id, "volume deleted");
+        Ok(json!({}))
+    }
+
+    pub(super) async fn attach_volume(&self, body: &[u8]) -> Reply {
+        let req: AttachVolumeRequest = parse(body)?;
+        let device = req.device.clone().unwrap_or_else(|| "/dev/sdf".into());
+        if !device.starts_with("/dev/") || device.len() > 64 || device.len() < 6 {
+            return Err(ApiError::bad_request(
+                "InvalidParameterValue",
+                format!("device {device:?}: give a name like /dev/sdf"),
+            ));
+        }
+        let host = req
+            .host
+            .clone()
+            .unwrap_or_else(|| self.config.default_host.clone());
+        if host.is_empty() || host.len() > 128 {
+            return Err(ApiError::bad_request("InvalidParameterValue", "host: 1 to 128 characters"));
+        }
+        let _changes = self.changes.lock().await;
+        let mut v = self.get_volume(&req.volume_id)?;
+        if let Some(a) = &v.attachment {
+            return Err(ApiError::conflict(
+                "VolumeInUse",
+                format!("volume {} is already attached to {}", v.id, a.attachment.instance_id),
+            ));
+        }
+        if v.state != VolumeState::Available {
+            return Err(ApiError::conflict(
+                "IncorrectState",
+                format!("volume {} is {:?}, not available", v.id, v.state),
+            ));
+        }
+        for other in self.state.volumes()? {
+            if let Some(a) = &other.attachment {
+                let a = &a.attachment;
+                if a.instance_id == req.instance_id && (a.device == device || (req.boot && a.boot)) {
+                    return Err(ApiError::conflict(
+                        "InvalidParameterValue",
+                        format!(
+                            "instance {} already has {} at {}{}",
+                            a.instance_id,
+                            other.id,
+                            a.device,
+                            if a.boot { " (boot)" } else { "" }
+                        ),
+                    ));
+                }
+            }
+        }
+        let grant_id = match &v.kms_key_id {
+            Some(k) => {
+                let kid: KmsKeyId = k
+                    .parse()
+                    .map_err(|e| ApiError::internal(format!("KMS key id {k}: {e}")))?;
+                let (grant, _token) = self
+                    .kms
+                    .create_grant(&kid, &host, &v.id)
+                    .await
+                    .map_err(kms_error)?;
+                Some(grant)
+            }
+            None => None,
+        };
+        let attachment = Attachment {
+            instance_id: req.instance_id.clone(),
+            device,
+            boot: req.boot,
+            host,
+            attached_at: now_ms() / 1000,
+        };
+        v.attachment = Some(AttachmentRecord {
+            attachment: attachment.clone(),
+            grant_id,
+        });
+        v.state = VolumeState::InUse;
+        self.state.put_volume(&v)?;
+        self.state.flush()?;
+        tracing::info!(volume = %v.id, instance = %attachment.instance_id, "attached");
+        Ok(serde_json::to_value(attachment).map_err(|e| ApiError::internal(e.to_string()))?)
+    }
+
+    pub(super) async fn detach_volume(&self, body: &[u8]) -> Reply {
+        let req: VolumeIdRequest = parse(body)?;
+        let _changes = self.changes.lock().await;
+        let mut v = self.get_volume(&req.volume_id)?;
+        let Some(a) = v.attachment.clone() else {
+            return Err(ApiError::conflict(
+                "IncorrectState",
+                format!("volume {} is not attached", v.id),
+            ));
+        };
+        if let (Some(k), Some(grant)) = (&v.kms_key_id, &a.grant_id) {
+            let kid: KmsKeyId = k
+                .parse()
+                .map_err(|e| ApiError::internal(format!("KMS key id {k}: {e}")))?;
+            match self.kms.retire_grant(&kid, grant).await {
+                Ok(()) | Err(blockfleet_core::kms::KmsError::NotFound(_)) => {}
+                Err(e) => return Err(kms_error(e)),
+            }
+        }
+        v.attachment = None;
+        v.state = VolumeState::Available;
+        self.state.put_volume(&v)?;
+        self.state.flush()?;
+        tracing::info!(volume = %v.id, instance = %a.attachment.instance_id, "detached");
+        Ok(json!({}))
+    }
+
+    pub(super) fn describe_instances(&self, body: &[u8]) -> Reply {
+        let req: DescribeInstancesRequest = parse(body)?;
+        let mut by: BTreeMap<String, Instance> = BTreeMap::new();
+        for v in self.state.volumes()? {
+            let Some(a) = v.attachment else { continue };
+            let a = a.attachment;
+            if !req.instance_ids.is_empty() && !req.instance_ids.contains(&a.instance_id) {
+                continue;
+            }
+            by.entry(a.instance_id.as_str().to_owned())
+                .or_insert_with(|| Instance {
+                    instance_id: a.instance_id.clone(),
+                    host: a.host.clone(),
+                    volumes: Vec::new(),
+                })
+                .volumes
+                .push(InstanceVolume {
+                    volume_id: v.id.clone(),
+                    device: a.device.clone(),
+                    boot: a.boot,
+                });
+        }
+        for i in &req.instance_ids {
+            if !by.contains_key(i.as_str()) {
+                return Err(ApiError::not_found(
+                    "InvalidInstanceID.NotFound",
+                    format!("instance {i} has no volumes attached"),
+                ));
+            }
+        }
+        Ok(json!({ "instances": by.into_values().collect::<Vec<_>>() }))
+    }
+}
