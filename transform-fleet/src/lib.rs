@@ -1,6 +1,342 @@
-//! `blockfleet-transform-fleet`: the isolated fleet that turns plaintext (or differently
-//! encrypted) snapshot chunks into ciphertext under each target volume's own key and streams
-//! it to the block servers.
+//! `blockfleet-transform-fleet`: transform workers (`blockfleet transform`).
 //!
-//! Nothing is built here yet: the workers arrive with the "Transform fleet and volumes from
-//! snapshots" issue. Until then this crate holds no code, so nothing can call it by mistake.
+//! A worker claims hydration jobs from the control plane under a lease it renews while it
+//! works, fills every target volume of the job from the one source (see [`job`]), and serves
+//! on-demand fetches: a host agent reading a chunk not hydrated yet asks a worker to hydrate
+//! that chunk now, ahead of the background work (which is paced by
+//! `transform.background_mib_per_sec`; fetches are not).
+//!
+//! Progress lives on the block servers (which chunks are hydrated), so a job whose worker is
+//! killed is claimed again after its lease runs out and resumes where it stopped: chunks
+//! already hydrated are not rewritten, and `WriteIfUnwritten` keeps user writes.
+//!
+//! - [`job`]: one job's source, targets and keys; hydrating a chunk.
+//! - [`metrics`]: Prometheus metrics.
+
+pub mod job;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockfleet_core::api::{
+    ClaimJobRequest, ControlPlaneClient, FetchReply, FetchRequest, Job, JobOutcome, JobReport,
+};
+use blockfleet_core::blockproto::BlockPool;
+use blockfleet_core::config::Config;
+use blockfleet_core::httpjson::{self, ApiError, Reply};
+use blockfleet_core::ids::VolumeId;
+use blockfleet_core::kms::Kms;
+use blockfleet_core::snapshot::Archive;
+use blockfleet_core::units::CHUNK;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use job::{JobContext, JobError};
+use metrics::Metrics;
+
+#[derive(Debug, Error)]
+pub enum TransformError {
+    #[error("transform: {0}")]
+    Config(String),
+    #[error("transform: {0}")]
+    Archive(#[from] blockfleet_core::kms::manifest_key::OpenArchiveError),
+    #[error("transform: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Spaces background chunk reads to a byte rate.
+#[derive(Debug)]
+struct Pacer {
+    per_chunk: Option<Duration>,
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl Pacer {
+    fn new(mib_per_sec: u64) -> Self {
+        Pacer {
+            per_chunk: (mib_per_sec > 0)
+                .then(|| Duration::from_secs_f64(CHUNK as f64 / (mib_per_sec as f64 * 1048576.0))),
+            next: tokio::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    async fn wait(&self) {
+        let Some(step) = self.per_chunk else { return };
+        let at = {
+            let mut next = self.next.lock().await;
+            let at = (*next).max(Instant::now());
+            *next = at + step;
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// One transform worker.
+#[derive(Debug)]
+pub struct Worker {
+    name: String,
+    endpoint: String,
+    control_plane: ControlPlaneClient,
+    archive: Archive,
+    kms: Kms,
+    pool: BlockPool,
+    pub metrics: Arc<Metrics>,
+    /// Loaded jobs by target volume (background jobs and on-demand fetches share them).
+    contexts: Mutex<HashMap<VolumeId, Arc<JobContext>>>,
+    pacer: Pacer,
+    concurrency: usize,
+    poll: Duration,
+}
+
+impl Worker {
+    fn contexts(&self) -> std::sync::MutexGuard<'_, HashMap<VolumeId, Arc<JobContext>>> {
+        self.contexts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn report(&self, job: &str, outcome: JobOutcome, error: Option<String>) -> bool {
+        let r = self
+            .control_plane
+            .report_job(&JobReport {
+                job_id: job.to_owned(),
+                worker: self.name.clone(),
+                outcome,
+                error,
+            })
+            .await;
+        match r {
+            Ok(r) => r.keep_going,
+            Err(e) => {
+                // Keep working through a control-plane blip; the lease decides.
+                tracing::warn!(job, error = %e, "cannot report to the control plane");
+                true
+            }
+        }
+    }
+
+    /// Hydrates every chunk every target still misses, then flushes the targets.
+    async fn hydrate_all(&self, ctx: &Arc<JobContext>) -> Result<(), JobError> {
+        loop {
+            let todo = ctx.remaining().await?;
+            if todo.is_empty() {
+                break;
+            }
+            tracing::info!(job = %ctx.job_id, chunks = todo.len(), targets = ctx.targets.len(), "hydrating");
+            futures::stream::iter(todo)
+                .map(|(c, which)| async move {
+                    self.pacer.wait().await;
+                    ctx.hydrate(c, &which).await
+                })
+                .buffer_unordered(self.concurrency)
+                .try_collect::<()>()
+                .await?;
+        }
+        ctx.flush().await
+    }
+
+    async fn run_job(&self, job: Job) {
+        let id = job.job_id.clone();
+        tracing::info!(job = %id, attempt = job.attempt, targets = job.targets.len(), "job claimed");
+        let ctx =
+            match JobContext::load(&job, &self.archive, &self.kms, &self.pool, Arc::clone(&self.metrics)).await {
+                Ok(c) => Arc::new(c),
+                Err(e) => return self.finish(&id, Err(e)).await,
+            };
+        {
+            let mut map = self.contexts();
+            for t in &ctx.targets {
+                map.insert(t.volume.clone(), Arc::clone(&ctx));
+            }
+        }
+        let heartbeat = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if !self.report(&id, JobOutcome::Running, None).await {
+                    return;
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = self.hydrate_all(&ctx) => Some(r),
+            () = heartbeat => None,
+        };
+        {
+            let mut map = self.contexts();
+            for t in &ctx.targets {
+                map.remove(&t.volume);
+            }
+        }
+        match result {
+            Some(r) => self.finish(&id, r).await,
+            None => tracing::warn!(job = %id, "job taken away (lease lost or volumes deleted): stopped"),
+        }
+    }
+
+    async fn finish(&self, id: &str, result: Result<(), JobError>) {
+        let (outcome, error) = match result {
+            Ok(()) => {
+                self.metrics.jobs_done.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(job = %id, "job done");
+                (JobOutcome::Done, None)
+            }
+            Err(JobError::Retry(m)) => {
+                self.metrics.jobs_retried.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(job = %id, error = %m, "job attempt failed; giving it back");
+                (JobOutcome::Retry, Some(m))
+            }
+            Err(JobError::Fatal(m)) => {
+                self.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(job = %id, error = %m, "job failed");
+                (JobOutcome::Failed, Some(m))
+            }
+        };
+        self.report(id, outcome, error).await;
+    }
+
+    async fn claim_loop(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let req = ClaimJobRequest {
+            worker: self.name.clone(),
+            endpoint: self.endpoint.clone(),
+        };
+        while !*stop.borrow() {
+            let idle = match self.control_plane.claim_job(&req).await {
+                Ok(Some(job)) => {
+                    tokio::select! {
+                        () = self.run_job(job) => {}
+                        _ = stop.changed() => break,
+                    }
+                    false
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim jobs");
+                    true
+                }
+            };
+            if idle {
+                tokio::select! {
+                    () = tokio::time::sleep(self.poll) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        }
+    }
+
+    /// The job context that fills `volume`, loaded through the control plane if needed.
+    async fn context_for(&self, volume: &VolumeId) -> Result<Option<Arc<JobContext>>, ApiError> {
+        if let Some(c) = self.contexts().get(volume) {
+            return Ok(Some(Arc::clone(c)));
+        }
+        let job = match self.control_plane.job_for_volume(volume).await {
+            Ok(j) => j,
+            Err(e) if e.code() == Some("NotHydrating") => return Ok(None),
+            Err(blockfleet_core::httpjson::HttpError::Api(a)) => return Err(a),
+            Err(e) => return Err(ApiError::unavailable("ControlPlaneUnavailable", e.to_string())),
+        };
+        let ctx = JobContext::load(&job, &self.archive, &self.kms, &self.pool, Arc::clone(&self.metrics))
+            .await
+            .map_err(fetch_error)?;
+        let ctx = Arc::new(ctx);
+        self.contexts().insert(volume.clone(), Arc::clone(&ctx));
+        Ok(Some(ctx))
+    }
+
+    async fn fetch(&self, body: Bytes) -> Reply {
+        let req: FetchRequest = httpjson::parse(&body)?;
+        if req.chunks.len() > 4096 {
+            return Err(ApiError::bad_request("InvalidParameterValue", "at most 4096 chunks per fetch"));
+        }
+        let Some(ctx) = self.context_for(&req.volume_id).await? else {
+            return Ok(serde_json::json!(FetchReply { hydrated: vec![] }));
+        };
+        let t = ctx.target_index(&req.volume_id).ok_or_else(|| {
+            ApiError::not_found("InvalidVolume.NotFound", format!("{} is not a target of this job", req.volume_id))
+        })?;
+        if let Some(bad) = req.chunks.iter().find(|&&c| c >= ctx.chunks_of(t)) {
+            return Err(ApiError::bad_request(
+                "InvalidParameterValue",
+                format!("chunk {bad} is past the end of {}", req.volume_id),
+            ));
+        }
+        let which = [t];
+        futures::future::try_join_all(req.chunks.iter().map(|&c| ctx.hydrate(c, &which)))
+            .await
+            .map_err(fetch_error)?;
+        Ok(serde_json::json!(FetchReply { hydrated: req.chunks }))
+    }
+}
+
+fn fetch_error(e: JobError) -> ApiError {
+    match e {
+        JobError::Fatal(m) => ApiError::conflict("HydrationFailed", m),
+        JobError::Retry(m) => ApiError::unavailable("SourceUnavailable", m),
+    }
+}
+
+/// Runs a transform worker: claims jobs from `[transform].control_plane` and serves on-demand
+/// fetches on `listener`, until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), TransformError> {
+    let tc = config.transform.clone();
+    tc.validate()
+        .map_err(|e| TransformError::Config(e.to_string()))?;
+    let kms_config = tc.kms.clone().unwrap_or_else(|| config.kms.clone());
+    let archive = blockfleet_core::kms::manifest_key::open_archive(
+        &config.store,
+        &config.snapshot,
+        &kms_config,
+    )
+    .await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let worker = Arc::new(Worker {
+        name: format!("transform@{}", listener.local_addr()?),
+        endpoint,
+        control_plane: ControlPlaneClient::new(&tc.control_plane),
+        archive,
+        kms: Kms::connect(&kms_config).await,
+        pool: BlockPool::new(),
+        metrics: Arc::new(Metrics::default()),
+        contexts: Mutex::new(HashMap::new()),
+        pacer: Pacer::new(tc.background_mib_per_sec),
+        concurrency: tc.concurrency,
+        poll: Duration::from_millis(tc.poll_ms),
+    });
+    if let Some(addr) = &tc.metrics_listen {
+        let l = TcpListener::bind(addr).await?;
+        let m = Arc::clone(&worker.metrics);
+        tokio::spawn(blockfleet_core::metrics::serve(l, Arc::new(move || m.render())));
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let claimer = {
+        let w = Arc::clone(&worker);
+        tokio::spawn(async move { w.claim_loop(stop_rx).await })
+    };
+    let w = Arc::clone(&worker);
+    httpjson::serve(listener, shutdown, move |method, path, body| {
+        let w = Arc::clone(&w);
+        async move {
+            match (method.as_str(), path.as_str()) {
+                ("POST", "/v1/fetch") => {
+                    let start = Instant::now();
+                    let r = w.fetch(body).await;
+                    w.metrics.fetch.record(0, r.is_ok(), start.elapsed());
+                    r
+                }
+                _ => Err(ApiError::not_found("InvalidAction", format!("no action at {path}"))),
+            }
+        }
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    let _ = claimer.await;
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! One hydration job as a worker holds it: the source (a snapshot, its manifest checked, its key
+//! unwrapped if it is encrypted) and the targets (a block-server connection and an unwrapped key
+//! each). A source chunk is read and verified once, decrypted once, then encrypted under each
+//! target's own key and written with `WriteIfUnwritten`, which never overwrites a user write.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use blockfleet_core::api::{Job, JobSource, JobTarget};
+use blockfleet_core::blockproto::{BlockClient, BlockPool, ClientError, ErrorCode};
+use blockfleet_core::crypto::Xts;
+use blockfleet_core::ids::VolumeId;
+use blockfleet_core::kms::{Kms, KmsError};
+use blockfleet_core::snapshot::{Archive, Manifest, SnapshotError};
+use blockfleet_core::units::{chunk_count, SECTORS_PER_CHUNK};
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// Will not succeed on retry: corrupt or missing source data, a key that does not open.
+    #[error("{0}")]
+    Fatal(String),
+    /// Something was unreachable; another attempt may succeed.
+    #[error("{0}")]
+    Retry(String),
+}
+
+fn snapshot_error(e: SnapshotError) -> JobError {
+    match &e {
+        SnapshotError::Store(s) if !s.is_not_found() => JobError::Retry(e.to_string()),
+        _ => JobError::Fatal(e.to_string()),
+    }
+}
+
+fn kms_error(what: &str, e: KmsError) -> JobError {
+    match e {
+        KmsError::Unreachable(_) => JobError::Retry(format!("{what}: {e}")),
+        _ => JobError::Fatal(format!("{what}: {e}")),
+    }
+}
+
+fn block_error(addr: &str, e: &ClientError) -> JobError {
+    JobError::Retry(format!("block server {addr}: {e}"))
+}
+
+pub struct Target {
+    pub volume: VolumeId,
+    pub addr: String,
+    client: Arc<BlockClient>,
+    xts: Option<Xts>,
+    chunks: u64,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("volume", &self.volume)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+pub struct JobContext {
+    pub job_id: String,
+    manifest: Manifest,
+    source_xts: Option<Xts>,
+    pub targets: Vec<Target>,
+    archive: Archive,
+    metrics: Arc<Metrics>,
+}
+
+async fn unwrap_key(kms: &Kms, wrapped_hex: &str, volume: &VolumeId) -> Result<Xts, JobError> {
+    let wrapped = hex::decode(wrapped_hex)
+        .map_err(|e| JobError::Fatal(format!("wrapped key of {volume} is not hex: {e}")))?;
+    let key = kms
+        .decrypt_key(&wrapped, volume)
+        .await
+        .map_err(|e| kms_error(&format!("data key of {volume}"), e))?;
+    Ok(Xts::new(&key))
+}
+
+impl JobContext {
+    /// Reads and checks the manifest, unwraps the keys, connects to the targets' block servers.
+    pub async fn load(
+        job: &Job,
+        archive: &Archive,
+        kms: &Kms,
+        pool: &BlockPool,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, JobError> {
+        let JobSource::Snapshot { snapshot_id } = &job.source;
+        let manifest = archive
+            .get_manifest(snapshot_id)
+            .await
+            .map_err(snapshot_error)?;
+        let source_xts = match &manifest.encryption {
+            None => None,
+            Some(h) => {
+                let volume = h.context_volume.as_ref().ok_or_else(|| {
+                    JobError::Fatal(format!(
+                        "snapshot {snapshot_id} is encrypted but names no context volume for its key"
+                    ))
+                })?;
+                Some(unwrap_key(kms, &hex::encode(&h.wrapped_key), volume).await?)
+            }
+        };
+        let mut targets = Vec::new();
+        for t in &job.targets {
+            targets.push(Self::target(t, kms, pool).await?);
+        }
+        Ok(JobContext {
+            job_id: job.job_id.clone(),
+            manifest,
+            source_xts,
+            targets,
+            archive: archive.clone(),
+            metrics,
+        })
+    }
+
+    async fn target(t: &JobTarget, kms: &Kms, pool: &BlockPool) -> Result<Target, JobError> {
+        let xts = match &t.wrapped_key {
+            Some(w) => Some(unwrap_key(kms, w, &t.volume_id).await?),
+            None => None,
+        };
+        let client = pool
+            .get(&t.block_server)
+            .await
+            .map_err(|e| block_error(&t.block_server, &e))?;
+        Ok(Target {
+            volume: t.volume_id.clone(),
+            addr: t.block_server.clone(),
+            client,
+            xts,
+            chunks: chunk_count(t.size),
+        })
+    }
+
+    pub fn target_index(&self, volume: &VolumeId) -> Option<usize> {
+        self.targets.iter().position(|t| &t.volume == volume)
+    }
+
+    pub fn chunks_of(&self, target: usize) -> u64 {
+        self.targets[target].chunks
+    }
+
+    /// Reads source chunk `c` as plaintext (`None`: a zero chunk), verified.
+    async fn source_chunk(&self, c: u64) -> Result<Option<Vec<u8>>, JobError> {
+        let Some(hash) = self.manifest.chunks.get(&c) else {
+            return Ok(None);
+        };
+        let data = self.archive.get_chunk(hash).await.map_err(|e| match e {
+            SnapshotError::Store(ref s) if s.is_not_found() => JobError::Fatal(format!(
+                "chunk {c} of snapshot {} is missing from the store: {e}",
+                self.manifest.snapshot_id
+            )),
+            other => {
+                let je = snapshot_error(other);
+                match je {
+                    JobError::Fatal(m) => JobError::Fatal(format!(
+                        "chunk {c} of snapshot {}: {m}",
+                        self.manifest.snapshot_id
+                    )),
+                    r => r,
+                }
+            }
+        })?;
+        self.metrics.source_chunks.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(data.to_vec()))
+    }
+
+    /// Hydrates chunk `c` of the targets `which` (indices into `targets`). A target deleted
+    /// meanwhile is skipped.
+    pub async fn hydrate(self: &Arc<Self>, c: u64, which: &[usize]) -> Result<(), JobError> {
+        let plain = self.source_chunk(c).await?;
+        let payloads: Vec<Bytes> = match plain {
+            None => vec![Bytes::new(); which.len()],
+            Some(mut p) => {
+                let me = Arc::clone(self);
+                let which = which.to_vec();
+                tokio::task::spawn_blocking(move || {
+                    let first_unit = c * SECTORS_PER_CHUNK;
+                    if let Some(x) = &me.source_xts {
+                        x.decrypt(&mut p, first_unit)
+                            .map_err(|e| JobError::Fatal(e.to_string()))?;
+                    }
+                    which
+                        .iter()
+                        .map(|&t| match &me.targets[t].xts {
+                            Some(x) => {
+                                let mut out = p.clone();
+                                x.encrypt(&mut out, first_unit)
+                                    .map_err(|e| JobError::Fatal(e.to_string()))?;
+                                Ok(Bytes::from(out))
+                            }
+                            None => Ok(Bytes::from(p.clone())),
+                        })
+                        .collect::<Result<Vec<_>, JobError>>()
+                })
+                .await
+                .map_err(|e| JobError::Retry(e.to_string()))??
+            }
+        };
+        let writes = which.iter().zip(payloads).map(|(&t, data)| {
+            let target = &self.targets[t];
+            async move {
+                match target.client.write_if_unwritten(&target.volume, c, data).await {
+                    Ok(_) => {
+                        self.metrics.chunks_written.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::NoSuchVolume) => {
+                        tracing::info!(volume = %target.volume, "target deleted: skipped");
+                        Ok(())
+                    }
+                    Err(e) => Err(block_error(&target.addr, &e)),
+                }
+            }
+        });
+        futures::future::try_join_all(writes).await?;
+        Ok(())
+    }
+
+    /// Chunk -> targets still missing it, read from the block servers (where progress lives).
+    pub async fn remaining(&self) -> Result<BTreeMap<u64, Vec<usize>>, JobError> {
+        let mut todo: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let mut from = 0;
+            loop {
+                let page = match t.client.unhydrated_chunks(&t.volume, from, 65536).await {
+                    Ok(p) => p,
+                    Err(e) if e.code() == Some(ErrorCode::NoSuchVolume) => break,
+                    Err(e) => return Err(block_error(&t.addr, &e)),
+                };
+                let Some(&last) = page.last() else { break };
+                for c in page {
+                    todo.entry(c).or_default().push(i);
+                }
+                from = last + 1;
+            }
+        }
+        Ok(todo)
+    }
+
+    /// Makes the targets' hydration durable.
+    pub async fn flush(&self) -> Result<(), JobError> {
+        for t in &self.targets {
+            match t.client.flush(&t.volume).await {
+                Ok(()) => {}
+                Err(e) if e.code() == Some(ErrorCode::NoSuchVolume) => {}
+                Err(e) => return Err(block_error(&t.addr, &e)),
+            }
+        }
+        Ok(())
+    }
+}
