@@ -158,7 +158,7 @@ fn main() {
         client.create_volume(&v, SIZE, false).await.expect("create");
         let xts = Arc::new(Xts::new(&XtsKey::generate()));
         let vol = Arc::new(
-            AgentVolume::open(client, v.clone(), Some(xts))
+            AgentVolume::open(client, v.clone(), Some(xts), None)
                 .await
                 .expect("open"),
         );

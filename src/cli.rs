@@ -24,6 +24,10 @@ pub struct Cli {
     #[command(flatten)]
     pub store: StoreFlags,
 
+    /// The control plane's URL (default: http:// + control_plane.listen of the config).
+    #[arg(long, global = true, env = "BLOCKFLEET_CONTROL_PLANE", value_name = "URL")]
+    pub control_plane: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -82,17 +86,36 @@ pub enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
-    /// Serve a volume to this host over NBD, encrypting with its key (unwrapped under this host's
-    /// KMS grant; the block server sees only ciphertext).
-    Attach {
-        /// The block server holding the volume.
+    /// Run the whole single-node fleet in this process: embedded KMS, the block servers of
+    /// control_plane.block_servers, the control plane and a transform worker, on loopback.
+    Up,
+    /// Run the control plane: the HTTP API over volumes, placement and hydration jobs.
+    ControlPlane {
+        /// Address to listen on (overrides control_plane.listen); port 0 picks a free port.
         #[arg(long)]
-        block_server: String,
+        listen: Option<String>,
+    },
+    /// Run a transform worker: hydrates volumes from snapshots, encrypting under each volume's key.
+    Transform {
+        /// On-demand fetch address (overrides transform.listen); port 0 picks a free port.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Volumes: create (from snapshots), list, describe, attach, detach, delete.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Serve an attached volume to this host over NBD (the host agent), encrypting with its key
+    /// (unwrapped under this host's KMS grant; the block server sees only ciphertext). Where the
+    /// volume lives and its wrapped key come from the control plane unless --block-server is given.
+    Attach {
         #[arg(long)]
         volume: String,
-        /// The volume's wrapped data key (hex), as the control plane stored it; without it the
-        /// volume is served unencrypted.
+        /// Serve straight from this block server instead of asking the control plane.
         #[arg(long)]
+        block_server: Option<String>,
+        /// With --block-server: the volume's wrapped data key (hex); without it the volume is
+        /// served unencrypted.
+        #[arg(long, requires = "block_server")]
         wrapped_key: Option<String>,
         /// NBD listen address; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:10809")]
@@ -133,4 +156,49 @@ pub enum SnapshotCommand {
     Ls,
     /// Describe one snapshot.
     Show { snapshot_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create volumes, empty or from a snapshot (hydrated in the background, usable at once).
+    Create {
+        #[arg(long, value_name = "SNAPSHOT_ID")]
+        from_snapshot: Option<String>,
+        /// Size, e.g. 10GiB or 1073741824 (default: the snapshot's size).
+        #[arg(long)]
+        size: Option<String>,
+        /// Encrypt under the fleet's default key, or --kms-key.
+        #[arg(long)]
+        encrypted: bool,
+        /// KMS key id, alias or ARN (implies --encrypted).
+        #[arg(long)]
+        kms_key: Option<String>,
+        /// Create this many volumes from the one source.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Wait for hydration to finish, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List volumes.
+    Ls,
+    /// Describe a volume.
+    Show { volume_id: String },
+    /// Attach a volume to an instance (grants the instance's host agent its key).
+    Attach {
+        volume_id: String,
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        boot: bool,
+        /// The host agent's KMS principal (default: control_plane.default_host).
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Detach a volume (retires the host agent's grant).
+    Detach { volume_id: String },
+    /// Delete a volume.
+    Rm { volume_id: String },
 }

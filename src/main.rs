@@ -5,7 +5,9 @@
 mod cli;
 mod demo;
 mod output;
+mod services;
 mod snapshot_cmd;
+mod volume_cmd;
 
 use std::process::ExitCode;
 
@@ -52,15 +54,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             metrics_listen,
         } => {
-            attach(
-                &config,
-                &block_server,
-                &volume,
-                wrapped_key.as_deref(),
-                &listen,
-                metrics_listen.as_deref(),
-            )
-            .await
+            let volume: blockfleet_core::ids::VolumeId = volume.parse()?;
+            let target = match block_server {
+                Some(b) => services::AttachTarget {
+                    block_server: b,
+                    wrapped_key,
+                    fetch_endpoints: Vec::new(),
+                },
+                None => services::attach_target(&control_plane_url(&cli.control_plane, &config), &volume).await?,
+            };
+            services::attach(&config, &volume, target, &listen, metrics_listen.as_deref()).await
+        }
+        Command::Up => services::up(&config).await,
+        Command::ControlPlane { listen } => {
+            let mut c = config;
+            if let Some(l) = listen {
+                c.control_plane.listen = l;
+            }
+            services::control_plane(&c, shutdown_signal()).await
+        }
+        Command::Transform { listen } => {
+            let mut c = config;
+            if let Some(l) = listen {
+                c.transform.listen = l;
+            }
+            services::transform(&c, shutdown_signal()).await
+        }
+        Command::Volume(cmd) => {
+            volume_cmd::run(&control_plane_url(&cli.control_plane, &config), cli.output, cmd).await
         }
         Command::Kms { listen } => {
             let mut c = config.kms_server;
@@ -105,61 +126,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn attach(
-    config: &Config,
-    block_server: &str,
-    volume: &str,
-    wrapped_key: Option<&str>,
-    listen: &str,
-    metrics_listen: Option<&str>,
-) -> anyhow::Result<()> {
-    use std::sync::Arc;
-    let volume: blockfleet_core::ids::VolumeId = volume.parse()?;
-    let xts = match wrapped_key {
-        Some(hex_key) => {
-            let wrapped = hex::decode(hex_key).context("--wrapped-key is not hex")?;
-            let kms = blockfleet_core::kms::Kms::connect(&config.kms).await;
-            // Through the key cache, as every key user: the plaintext key exists only as the
-            // cipher it holds, zeroized when the last user drops it.
-            let cache = blockfleet_core::kms::cache::KeyCache::new(Default::default());
-            let xts = cache
-                .get(&wrapped, &volume, || kms.decrypt_key(&wrapped, &volume))
-                .await
-                .with_context(|| {
-                    format!("cannot unwrap the key of {volume} (no grant for this host?)")
-                })?;
-            Some(xts)
-        }
-        None => None,
-    };
-    let client = Arc::new(blockfleet_core::blockproto::BlockClient::connect(block_server).await?);
-    let vol = blockfleet::host_agent::AgentVolume::open(client, volume.clone(), xts)
-        .await
-        .with_context(|| format!("cannot open {volume} on {block_server}"))?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let vol = Arc::new(vol);
-    if let Some(addr) = metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        let v = Arc::clone(&vol);
-        tokio::spawn(blockfleet_core::metrics::serve(
-            l,
-            Arc::new(move || v.metrics.render()),
-        ));
-    }
-    println!(
-        "blockfleet attach listening on {} (export {volume})",
-        listener.local_addr()?
-    );
-    blockfleet::host_agent::run(vol, listener, shutdown_signal()).await;
-    Ok(())
+fn control_plane_url(flag: &Option<String>, config: &Config) -> String {
+    flag.clone()
+        .unwrap_or_else(|| format!("http://{}", config.control_plane.listen))
 }
 
 /// Resolves on SIGINT or SIGTERM: the service then finishes in-flight work and exits cleanly.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

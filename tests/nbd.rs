@@ -62,7 +62,7 @@ async fn start_agent(
     let client = Arc::new(BlockClient::connect(bs_addr).await.unwrap());
     let xts = Arc::new(Xts::new(&XtsKey::from_bytes(key).unwrap()));
     let vol = Arc::new(
-        AgentVolume::open(client, volume.clone(), Some(xts))
+        AgentVolume::open(client, volume.clone(), Some(xts), None)
             .await
             .unwrap(),
     );

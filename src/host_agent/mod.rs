@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use blockfleet_core::nbd::*;
-pub use volume::{AgentMetrics, AgentVolume};
+pub use volume::{AgentMetrics, AgentVolume, Fetcher};
 
 const MAX_INFLIGHT: usize = 64;
 

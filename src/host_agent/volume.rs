@@ -9,7 +9,10 @@ use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use blockfleet_core::api::{FetchReply, FetchRequest};
 use blockfleet_core::blockproto::{BlockClient, ClientError, ErrorCode};
+use blockfleet_core::httpjson::{HttpError, JsonClient};
+use blockfleet_core::units::CHUNK;
 use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::metrics::{counter, OpMetrics};
@@ -89,6 +92,42 @@ impl AgentMetrics {
     }
 }
 
+/// Asks the transform fleet to hydrate chunks a read needs now (lazy hydration).
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    endpoints: Vec<JsonClient>,
+}
+
+impl Fetcher {
+    pub fn new(endpoints: &[String]) -> Self {
+        Fetcher {
+            endpoints: endpoints
+                .iter()
+                .map(|e| JsonClient::new(e, std::time::Duration::from_secs(30)))
+                .collect(),
+        }
+    }
+
+    /// Tries each worker in turn; the first that answers decides.
+    async fn fetch(&self, volume: &VolumeId, chunks: Vec<u64>) -> Result<(), Errno> {
+        let req = FetchRequest {
+            volume_id: volume.clone(),
+            chunks,
+        };
+        for e in &self.endpoints {
+            match e.post::<_, FetchReply>("/v1/fetch", &req).await {
+                Ok(_) => return Ok(()),
+                Err(HttpError::Api(a)) => {
+                    tracing::warn!(volume = %volume, code = %a.code, error = %a.message, "on-demand fetch refused");
+                    return Err(EIO);
+                }
+                Err(err) => tracing::warn!(volume = %volume, error = %err, "transform worker unreachable; trying the next"),
+            }
+        }
+        Err(EIO)
+    }
+}
+
 #[derive(Debug)]
 pub struct AgentVolume {
     pub metrics: AgentMetrics,
@@ -97,6 +136,7 @@ pub struct AgentVolume {
     size: u64,
     xts: Option<Arc<Xts>>,
     stripes: Vec<tokio::sync::Mutex<()>>,
+    fetcher: Option<Fetcher>,
 }
 
 impl AgentVolume {
@@ -104,6 +144,7 @@ impl AgentVolume {
         client: Arc<BlockClient>,
         volume: VolumeId,
         xts: Option<Arc<Xts>>,
+        fetcher: Option<Fetcher>,
     ) -> Result<Self, ClientError> {
         let size = client.stat_volume(&volume).await?.size;
         Ok(AgentVolume {
@@ -113,7 +154,34 @@ impl AgentVolume {
             size,
             xts,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            fetcher,
         })
+    }
+
+    /// Reads ciphertext; a range that touches chunks not hydrated yet has them fetched on
+    /// demand first (then the block server holds the snapshot's data or the user's writes).
+    async fn read_raw(&self, at: u64, n: u64) -> Result<Bytes, Errno> {
+        for _ in 0..3 {
+            match self.client.read(&self.volume, at, n as u32).await {
+                Ok(d) => return Ok(d),
+                Err(e) if e.code() == Some(ErrorCode::NotHydrated) => {
+                    let Some(f) = &self.fetcher else {
+                        tracing::warn!(volume = %self.volume, "read of an unhydrated chunk and no transform worker to fetch it");
+                        return Err(EIO);
+                    };
+                    let mut missing = Vec::new();
+                    for c in at / CHUNK..(at + n).div_ceil(CHUNK) {
+                        let info = self.client.chunk_state(&self.volume, c).await.map_err(errno)?;
+                        if !info.hydrated {
+                            missing.push(c);
+                        }
+                    }
+                    f.fetch(&self.volume, missing).await?;
+                }
+                Err(e) => return Err(errno(e)),
+            }
+        }
+        Err(EIO)
     }
 
     pub fn size(&self) -> u64 {
@@ -152,11 +220,7 @@ impl AgentVolume {
         let mut at = first * UNIT;
         while at < end * UNIT {
             let n = PIECE.min(end * UNIT - at);
-            let data = self
-                .client
-                .read(&self.volume, at, n as u32)
-                .await
-                .map_err(errno)?;
+            let data = self.read_raw(at, n).await?;
             out.extend_from_slice(&data);
             at += n;
         }

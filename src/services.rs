@@ -1,0 +1,201 @@
+//! Running services: `control-plane`, `transform`, `attach` (the host agent) and `up` (the
+//! whole single-node fleet in one process: KMS, block servers, control plane, transform worker,
+//! all on the addresses of the config, local object store).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use blockfleet_core::api::ControlPlaneClient;
+use blockfleet_core::config::Config;
+use blockfleet_core::ids::VolumeId;
+use blockfleet_core::kms::manifest_key::open_archive;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::shutdown_signal;
+
+async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+pub async fn control_plane(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let listener = bind(&config.control_plane.listen).await?;
+    println!("blockfleet control-plane listening on {}", listener.local_addr()?);
+    run_control_plane(config, listener, shutdown).await
+}
+
+async fn run_control_plane(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let kms = config.control_plane.kms.clone().unwrap_or_else(|| config.kms.clone());
+    let archive = open_archive(&config.store, &config.snapshot, &kms).await?;
+    blockfleet_snapshot_service::control_plane::run(
+        config.control_plane.clone(),
+        &kms,
+        archive,
+        listener,
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn transform(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let listener = bind(&config.transform.listen).await?;
+    println!("blockfleet transform listening on {}", listener.local_addr()?);
+    blockfleet_transform_fleet::run(config.clone(), listener, shutdown).await?;
+    Ok(())
+}
+
+/// The `i`-th of `up`'s block servers: its own data directory, and metrics on the next ports.
+fn block_server_config(config: &Config, i: usize, listen: &str) -> blockfleet_core::config::BlockServerConfig {
+    let mut c = config.block_server.clone();
+    c.listen = listen.to_owned();
+    c.data_dir = config.block_server.data_dir.join(i.to_string());
+    c.metrics_listen = config.block_server.metrics_listen.as_ref().and_then(|m| {
+        let mut a: SocketAddr = m.parse().ok()?;
+        a.set_port(a.port().checked_add(i as u16)?);
+        Some(a.to_string())
+    });
+    c
+}
+
+/// `blockfleet up`: every service of the single-node fleet in this process until Ctrl-C.
+pub async fn up(config: &Config) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let kms_listener = bind(&config.kms_server.listen).await?;
+    println!("kms            {}", kms_listener.local_addr()?);
+    let kc = config.kms_server.clone();
+    let s = stopped();
+    tasks.spawn(async move {
+        blockfleet::kms_server::run(kc, kms_listener, s)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+
+    for (i, addr) in config.control_plane.block_servers.iter().enumerate() {
+        let bc = block_server_config(config, i, addr);
+        let l = bind(addr).await?;
+        println!("block-server   {} ({})", l.local_addr()?, bc.data_dir.display());
+        let s = stopped();
+        tasks.spawn(async move {
+            blockfleet_block_server::run(bc, l, s)
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+
+    let cp_listener = bind(&config.control_plane.listen).await?;
+    println!("control-plane  http://{}", cp_listener.local_addr()?);
+    let c = config.clone();
+    let s = stopped();
+    tasks.spawn(async move { run_control_plane(&c, cp_listener, s).await });
+
+    let tf_listener = bind(&config.transform.listen).await?;
+    println!("transform      http://{}", tf_listener.local_addr()?);
+    let c = config.clone();
+    let s = stopped();
+    tasks.spawn(async move {
+        blockfleet_transform_fleet::run(c, tf_listener, s)
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    println!("blockfleet up: ready (Ctrl-C stops every service)");
+
+    let first_exit = tokio::select! {
+        () = shutdown_signal() => None,
+        r = tasks.join_next() => r,
+    };
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    match first_exit {
+        Some(Ok(Err(e))) => Err(e.context("a service stopped")),
+        Some(Err(e)) => Err(anyhow::anyhow!("a service panicked: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// Where the host agent finds the volume and how it encrypts it.
+pub struct AttachTarget {
+    pub block_server: String,
+    pub wrapped_key: Option<String>,
+    pub fetch_endpoints: Vec<String>,
+}
+
+/// Asks the control plane how to serve an attached volume.
+pub async fn attach_target(control_plane: &str, volume: &VolumeId) -> anyhow::Result<AttachTarget> {
+    let info = ControlPlaneClient::new(control_plane)
+        .attach_info(volume)
+        .await
+        .with_context(|| format!("cannot get the attachment of {volume}"))?;
+    Ok(AttachTarget {
+        block_server: info.block_server,
+        wrapped_key: info.wrapped_key,
+        fetch_endpoints: info.fetch_endpoints,
+    })
+}
+
+/// The host agent: serves `volume` over NBD on `listen`.
+pub async fn attach(
+    config: &Config,
+    volume: &VolumeId,
+    target: AttachTarget,
+    listen: &str,
+    metrics_listen: Option<&str>,
+) -> anyhow::Result<()> {
+    let xts = match &target.wrapped_key {
+        Some(hex_key) => {
+            let wrapped = hex::decode(hex_key).context("the wrapped key is not hex")?;
+            let kms = blockfleet_core::kms::Kms::connect(&config.kms).await;
+            // Through the key cache, as every key user: the plaintext key exists only as the
+            // cipher it holds, zeroized when the last user drops it.
+            let cache = blockfleet_core::kms::cache::KeyCache::new(Default::default());
+            let xts = cache
+                .get(&wrapped, volume, || kms.decrypt_key(&wrapped, volume))
+                .await
+                .with_context(|| {
+                    format!("cannot unwrap the key of {volume} (no grant for this host?)")
+                })?;
+            Some(xts)
+        }
+        None => None,
+    };
+    let client = Arc::new(
+        blockfleet_core::blockproto::BlockClient::connect(&target.block_server).await?,
+    );
+    let fetcher = (!target.fetch_endpoints.is_empty())
+        .then(|| blockfleet::host_agent::Fetcher::new(&target.fetch_endpoints));
+    let vol = blockfleet::host_agent::AgentVolume::open(client, volume.clone(), xts, fetcher)
+        .await
+        .with_context(|| format!("cannot open {volume} on {}", target.block_server))?;
+    let listener = bind(listen).await?;
+    let vol = Arc::new(vol);
+    if let Some(addr) = metrics_listen {
+        let l = bind(addr).await?;
+        let v = Arc::clone(&vol);
+        tokio::spawn(blockfleet_core::metrics::serve(
+            l,
+            Arc::new(move || v.metrics.render()),
+        ));
+    }
+    println!(
+        "blockfleet attach listening on {} (export {volume})",
+        listener.local_addr()?
+    );
+    blockfleet::host_agent::run(vol, listener, shutdown_signal()).await;
+    Ok(())
+}
