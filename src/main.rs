@@ -60,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     block_server: b,
                     wrapped_key,
                     fetch_endpoints: Vec::new(),
+                    control_plane: None,
                 },
                 None => services::attach_target(&control_plane_url(&cli.control_plane, &config), &volume).await?,
             };

@@ -134,11 +134,14 @@ pub struct AttachTarget {
     pub block_server: String,
     pub wrapped_key: Option<String>,
     pub fetch_endpoints: Vec<String>,
+    /// Asked again for transform workers when none answers.
+    pub control_plane: Option<ControlPlaneClient>,
 }
 
 /// Asks the control plane how to serve an attached volume.
 pub async fn attach_target(control_plane: &str, volume: &VolumeId) -> anyhow::Result<AttachTarget> {
-    let info = ControlPlaneClient::new(control_plane)
+    let cp = ControlPlaneClient::new(control_plane);
+    let info = cp
         .attach_info(volume)
         .await
         .with_context(|| format!("cannot get the attachment of {volume}"))?;
@@ -146,6 +149,7 @@ pub async fn attach_target(control_plane: &str, volume: &VolumeId) -> anyhow::Re
         block_server: info.block_server,
         wrapped_key: info.wrapped_key,
         fetch_endpoints: info.fetch_endpoints,
+        control_plane: Some(cp),
     })
 }
 
@@ -177,8 +181,9 @@ pub async fn attach(
     let client = Arc::new(
         blockfleet_core::blockproto::BlockClient::connect(&target.block_server).await?,
     );
-    let fetcher = (!target.fetch_endpoints.is_empty())
-        .then(|| blockfleet::host_agent::Fetcher::new(&target.fetch_endpoints));
+    let fetcher = (!target.fetch_endpoints.is_empty() || target.control_plane.is_some()).then(|| {
+        blockfleet::host_agent::Fetcher::new(target.fetch_endpoints, target.control_plane)
+    });
     let vol = blockfleet::host_agent::AgentVolume::open(client, volume.clone(), xts, fetcher)
         .await
         .with_context(|| format!("cannot open {volume} on {}", target.block_server))?;

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use blockfleet_core::api::{FetchReply, FetchRequest};
+use blockfleet_core::api::{ControlPlaneClient, FetchReply, FetchRequest};
 use blockfleet_core::blockproto::{BlockClient, ClientError, ErrorCode};
 use blockfleet_core::httpjson::{HttpError, JsonClient};
 use blockfleet_core::units::CHUNK;
@@ -92,37 +92,73 @@ impl AgentMetrics {
     }
 }
 
-/// Asks the transform fleet to hydrate chunks a read needs now (lazy hydration).
-#[derive(Debug, Clone)]
+/// Asks the transform fleet to hydrate chunks a read needs now (lazy hydration). The worker
+/// list comes from the control plane and is asked again when no worker answers (workers come
+/// and go).
+#[derive(Debug)]
 pub struct Fetcher {
-    endpoints: Vec<JsonClient>,
+    endpoints: std::sync::Mutex<Vec<String>>,
+    control_plane: Option<ControlPlaneClient>,
 }
 
 impl Fetcher {
-    pub fn new(endpoints: &[String]) -> Self {
+    pub fn new(endpoints: Vec<String>, control_plane: Option<ControlPlaneClient>) -> Self {
         Fetcher {
-            endpoints: endpoints
-                .iter()
-                .map(|e| JsonClient::new(e, std::time::Duration::from_secs(30)))
-                .collect(),
+            endpoints: std::sync::Mutex::new(endpoints),
+            control_plane,
         }
     }
 
-    /// Tries each worker in turn; the first that answers decides.
+    fn endpoints(&self) -> Vec<String> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn try_endpoints(&self, req: &FetchRequest) -> Option<Result<(), Errno>> {
+        for e in self.endpoints() {
+            let client = JsonClient::new(&e, std::time::Duration::from_secs(30));
+            match client.post::<_, FetchReply>("/v1/fetch", req).await {
+                Ok(_) => return Some(Ok(())),
+                Err(HttpError::Api(a)) if a.status != 503 => {
+                    tracing::warn!(volume = %req.volume_id, code = %a.code, error = %a.message, "on-demand fetch refused");
+                    return Some(Err(EIO));
+                }
+                Err(err) => tracing::warn!(volume = %req.volume_id, error = %err, "transform worker did not fetch; trying the next"),
+            }
+        }
+        None
+    }
+
     async fn fetch(&self, volume: &VolumeId, chunks: Vec<u64>) -> Result<(), Errno> {
         let req = FetchRequest {
             volume_id: volume.clone(),
             chunks,
         };
-        for e in &self.endpoints {
-            match e.post::<_, FetchReply>("/v1/fetch", &req).await {
-                Ok(_) => return Ok(()),
-                Err(HttpError::Api(a)) => {
-                    tracing::warn!(volume = %volume, code = %a.code, error = %a.message, "on-demand fetch refused");
-                    return Err(EIO);
+        if let Some(r) = self.try_endpoints(&req).await {
+            return r;
+        }
+        let Some(cp) = &self.control_plane else {
+            return Err(EIO);
+        };
+        for _ in 0..10 {
+            match cp.attach_info(volume).await {
+                Ok(info) => {
+                    if info.fetch_endpoints.is_empty() {
+                        // Hydration finished meanwhile (the read now succeeds), or no worker
+                        // is alive (the read fails again, clearly).
+                        return Ok(());
+                    }
+                    *self.endpoints.lock().unwrap_or_else(|p| p.into_inner()) =
+                        info.fetch_endpoints;
+                    if let Some(r) = self.try_endpoints(&req).await {
+                        return r;
+                    }
                 }
-                Err(err) => tracing::warn!(volume = %volume, error = %err, "transform worker unreachable; trying the next"),
+                Err(e) => tracing::warn!(volume = %volume, error = %e, "cannot ask the control plane for transform workers"),
             }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
         Err(EIO)
     }
