@@ -25,7 +25,12 @@ pub struct Cli {
     pub store: StoreFlags,
 
     /// The control plane's URL (default: http:// + control_plane.listen of the config).
-    #[arg(long, global = true, env = "BLOCKFLEET_CONTROL_PLANE", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKFLEET_CONTROL_PLANE",
+        value_name = "URL"
+    )]
     pub control_plane: Option<String>,
 
     #[command(subcommand)]

@@ -62,7 +62,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     fetch_endpoints: Vec::new(),
                     control_plane: None,
                 },
-                None => services::attach_target(&control_plane_url(&cli.control_plane, &config), &volume).await?,
+                None => {
+                    services::attach_target(
+                        &control_plane_url(&cli.control_plane, &config),
+                        &volume,
+                    )
+                    .await?
+                }
             };
             services::attach(&config, &volume, target, &listen, metrics_listen.as_deref()).await
         }
@@ -82,7 +88,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             services::transform(&c, shutdown_signal()).await
         }
         Command::Volume(cmd) => {
-            volume_cmd::run(&control_plane_url(&cli.control_plane, &config), cli.output, cmd).await
+            volume_cmd::run(
+                &control_plane_url(&cli.control_plane, &config),
+                cli.output,
+                cmd,
+            )
+            .await
         }
         Command::Kms { listen } => {
             let mut c = config.kms_server;

@@ -22,9 +22,15 @@ async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr}"))
 }
 
-pub async fn control_plane(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn control_plane(
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let listener = bind(&config.control_plane.listen).await?;
-    println!("blockfleet control-plane listening on {}", listener.local_addr()?);
+    println!(
+        "blockfleet control-plane listening on {}",
+        listener.local_addr()?
+    );
     run_control_plane(config, listener, shutdown).await
 }
 
@@ -33,7 +39,11 @@ async fn run_control_plane(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let kms = config.control_plane.kms.clone().unwrap_or_else(|| config.kms.clone());
+    let kms = config
+        .control_plane
+        .kms
+        .clone()
+        .unwrap_or_else(|| config.kms.clone());
     let archive = open_archive(&config.store, &config.snapshot, &kms).await?;
     blockfleet_snapshot_service::control_plane::run(
         config.control_plane.clone(),
@@ -46,15 +56,25 @@ async fn run_control_plane(
     Ok(())
 }
 
-pub async fn transform(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn transform(
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let listener = bind(&config.transform.listen).await?;
-    println!("blockfleet transform listening on {}", listener.local_addr()?);
+    println!(
+        "blockfleet transform listening on {}",
+        listener.local_addr()?
+    );
     blockfleet_transform_fleet::run(config.clone(), listener, shutdown).await?;
     Ok(())
 }
 
 /// The `i`-th of `up`'s block servers: its own data directory, and metrics on the next ports.
-fn block_server_config(config: &Config, i: usize, listen: &str) -> blockfleet_core::config::BlockServerConfig {
+fn block_server_config(
+    config: &Config,
+    i: usize,
+    listen: &str,
+) -> blockfleet_core::config::BlockServerConfig {
     let mut c = config.block_server.clone();
     c.listen = listen.to_owned();
     c.data_dir = config.block_server.data_dir.join(i.to_string());
@@ -90,7 +110,11 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
     for (i, addr) in config.control_plane.block_servers.iter().enumerate() {
         let bc = block_server_config(config, i, addr);
         let l = bind(addr).await?;
-        println!("block-server   {} ({})", l.local_addr()?, bc.data_dir.display());
+        println!(
+            "block-server   {} ({})",
+            l.local_addr()?,
+            bc.data_dir.display()
+        );
         let s = stopped();
         tasks.spawn(async move {
             blockfleet_block_server::run(bc, l, s)
@@ -178,12 +202,12 @@ pub async fn attach(
         }
         None => None,
     };
-    let client = Arc::new(
-        blockfleet_core::blockproto::BlockClient::connect(&target.block_server).await?,
-    );
-    let fetcher = (!target.fetch_endpoints.is_empty() || target.control_plane.is_some()).then(|| {
-        blockfleet::host_agent::Fetcher::new(target.fetch_endpoints, target.control_plane)
-    });
+    let client =
+        Arc::new(blockfleet_core::blockproto::BlockClient::connect(&target.block_server).await?);
+    let fetcher =
+        (!target.fetch_endpoints.is_empty() || target.control_plane.is_some()).then(|| {
+            blockfleet::host_agent::Fetcher::new(target.fetch_endpoints, target.control_plane)
+        });
     let vol = blockfleet::host_agent::AgentVolume::open(client, volume.clone(), xts, fetcher)
         .await
         .with_context(|| format!("cannot open {volume} on {}", target.block_server))?;

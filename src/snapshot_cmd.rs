@@ -1,6 +1,5 @@
 //! `blockfleet snapshot import|export|ls|show`.
 
-
 use anyhow::Context;
 use blockfleet_core::config::Config;
 use blockfleet_core::ids::SnapshotId;
@@ -14,14 +13,12 @@ use crate::output::{emit, mb_per_s, Bar};
 /// Opens the configured store (proving it answers) and the manifest key: from the KMS when
 /// `snapshot.manifest_key_kms_key_id` is set, else from the key file.
 pub async fn open_archive(config: &Config) -> anyhow::Result<Archive> {
-    Ok(
-        blockfleet_core::kms::manifest_key::open_archive(
-            &config.store,
-            &config.snapshot,
-            &config.kms,
-        )
-        .await?,
+    Ok(blockfleet_core::kms::manifest_key::open_archive(
+        &config.store,
+        &config.snapshot,
+        &config.kms,
     )
+    .await?)
 }
 
 fn parse_id(s: &str) -> anyhow::Result<SnapshotId> {

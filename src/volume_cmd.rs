@@ -18,7 +18,9 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().with_context(|| format!("size {s:?}: not a number"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("size {s:?}: not a number"))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" => 1 << 10,
@@ -71,7 +73,11 @@ fn table(vols: &[Volume]) -> String {
 }
 
 /// Polls until every volume's hydration has ended, drawing one bar over all of them.
-async fn wait_hydrated(cp: &ControlPlaneClient, output: Output, ids: &[VolumeId]) -> anyhow::Result<Vec<Volume>> {
+async fn wait_hydrated(
+    cp: &ControlPlaneClient,
+    output: Output,
+    ids: &[VolumeId],
+) -> anyhow::Result<Vec<Volume>> {
     let bar = Bar::new(output, "hydrating");
     let mut started = false;
     let mut shown = 0u64;
@@ -145,7 +151,9 @@ pub async fn run(url: &str, output: Output, cmd: VolumeCommand) -> anyhow::Resul
         VolumeCommand::Show { volume_id } => {
             let id: VolumeId = volume_id.parse()?;
             let v = cp.describe_volumes(&[id]).await?;
-            emit(output, &v[0], || serde_json::to_string_pretty(&v[0]).unwrap_or_default())
+            emit(output, &v[0], || {
+                serde_json::to_string_pretty(&v[0]).unwrap_or_default()
+            })
         }
         VolumeCommand::Attach {
             volume_id,
@@ -169,9 +177,11 @@ pub async fn run(url: &str, output: Output, cmd: VolumeCommand) -> anyhow::Resul
         }
         VolumeCommand::Detach { volume_id } => {
             cp.detach_volume(&volume_id.parse()?).await?;
-            emit(output, &serde_json::json!({ "detached": volume_id }), || {
-                format!("{volume_id} detached")
-            })
+            emit(
+                output,
+                &serde_json::json!({ "detached": volume_id }),
+                || format!("{volume_id} detached"),
+            )
         }
         VolumeCommand::Rm { volume_id } => {
             cp.delete_volume(&volume_id.parse()?).await?;

@@ -120,7 +120,9 @@ pub async fn serve<H, F>(
                 async move {
                     let (parts, body) = req.into_parts();
                     let reply = match Limited::new(body, MAX_BODY).collect().await {
-                        Ok(b) => handler(parts.method, parts.uri.path().to_owned(), b.to_bytes()).await,
+                        Ok(b) => {
+                            handler(parts.method, parts.uri.path().to_owned(), b.to_bytes()).await
+                        }
                         Err(_) => Err(ApiError::new(
                             413,
                             "RequestTooLarge",
@@ -213,8 +215,12 @@ impl JsonClient {
         path: &str,
         body: &B,
     ) -> Result<T, HttpError> {
-        self.send(Method::POST, path, serde_json::to_vec(body).unwrap_or_default())
-            .await
+        self.send(
+            Method::POST,
+            path,
+            serde_json::to_vec(body).unwrap_or_default(),
+        )
+        .await
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, HttpError> {
@@ -326,7 +332,9 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Some("NoSuchAction"));
-        let raw = c.send::<serde_json::Value>(Method::POST, "/echo", b"{bad".to_vec()).await;
+        let raw = c
+            .send::<serde_json::Value>(Method::POST, "/echo", b"{bad".to_vec())
+            .await;
         assert_eq!(raw.unwrap_err().code(), Some("InvalidParameter"));
         tx.send(()).unwrap();
         server.await.unwrap();

@@ -10,8 +10,8 @@
 
 pub mod control_plane;
 pub mod image;
-pub mod state;
 pub mod progress;
+pub mod state;
 
 pub use image::{
     export_image, import_image, ExportOptions, ExportReport, ImageError, ImportOptions,

@@ -119,10 +119,8 @@ impl State {
     }
 
     pub fn put_volume(&self, v: &VolumeRecord) -> Result<(), StateError> {
-        self.volumes.insert(
-            v.id.as_str(),
-            serde_json::to_vec(v).unwrap_or_default(),
-        )?;
+        self.volumes
+            .insert(v.id.as_str(), serde_json::to_vec(v).unwrap_or_default())?;
         Ok(())
     }
 

@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use blockfleet_core::api::{ControlPlaneClient, FetchReply, FetchRequest};
 use blockfleet_core::blockproto::{BlockClient, ClientError, ErrorCode};
-use blockfleet_core::httpjson::{HttpError, JsonClient};
-use blockfleet_core::units::CHUNK;
 use blockfleet_core::crypto::Xts;
+use blockfleet_core::httpjson::{HttpError, JsonClient};
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::metrics::{counter, OpMetrics};
+use blockfleet_core::units::CHUNK;
 use bytes::Bytes;
 
 use blockfleet_core::nbd::{EINVAL, EIO, ENOSPC};
@@ -125,7 +125,9 @@ impl Fetcher {
                     tracing::warn!(volume = %req.volume_id, code = %a.code, error = %a.message, "on-demand fetch refused");
                     return Some(Err(EIO));
                 }
-                Err(err) => tracing::warn!(volume = %req.volume_id, error = %err, "transform worker did not fetch; trying the next"),
+                Err(err) => {
+                    tracing::warn!(volume = %req.volume_id, error = %err, "transform worker did not fetch; trying the next")
+                }
             }
         }
         None
@@ -156,7 +158,9 @@ impl Fetcher {
                         return r;
                     }
                 }
-                Err(e) => tracing::warn!(volume = %volume, error = %e, "cannot ask the control plane for transform workers"),
+                Err(e) => {
+                    tracing::warn!(volume = %volume, error = %e, "cannot ask the control plane for transform workers")
+                }
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
@@ -207,7 +211,11 @@ impl AgentVolume {
                     };
                     let mut missing = Vec::new();
                     for c in at / CHUNK..(at + n).div_ceil(CHUNK) {
-                        let info = self.client.chunk_state(&self.volume, c).await.map_err(errno)?;
+                        let info = self
+                            .client
+                            .chunk_state(&self.volume, c)
+                            .await
+                            .map_err(errno)?;
                         if !info.hydrated {
                             missing.push(c);
                         }

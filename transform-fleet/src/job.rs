@@ -209,7 +209,11 @@ impl JobContext {
         let writes = which.iter().zip(payloads).map(|(&t, data)| {
             let target = &self.targets[t];
             async move {
-                match target.client.write_if_unwritten(&target.volume, c, data).await {
+                match target
+                    .client
+                    .write_if_unwritten(&target.volume, c, data)
+                    .await
+                {
                     Ok(_) => {
                         self.metrics.chunks_written.fetch_add(1, Ordering::Relaxed);
                         Ok(())

@@ -143,11 +143,18 @@ impl Worker {
     async fn run_job(&self, job: Job) {
         let id = job.job_id.clone();
         tracing::info!(job = %id, attempt = job.attempt, targets = job.targets.len(), "job claimed");
-        let ctx =
-            match JobContext::load(&job, &self.archive, &self.kms, &self.pool, Arc::clone(&self.metrics)).await {
-                Ok(c) => Arc::new(c),
-                Err(e) => return self.finish(&id, Err(e)).await,
-            };
+        let ctx = match JobContext::load(
+            &job,
+            &self.archive,
+            &self.kms,
+            &self.pool,
+            Arc::clone(&self.metrics),
+        )
+        .await
+        {
+            Ok(c) => Arc::new(c),
+            Err(e) => return self.finish(&id, Err(e)).await,
+        };
         {
             let mut map = self.contexts();
             for t in &ctx.targets {
@@ -174,7 +181,9 @@ impl Worker {
         }
         match result {
             Some(r) => self.finish(&id, r).await,
-            None => tracing::warn!(job = %id, "job taken away (lease lost or volumes deleted): stopped"),
+            None => {
+                tracing::warn!(job = %id, "job taken away (lease lost or volumes deleted): stopped")
+            }
         }
     }
 
@@ -237,11 +246,22 @@ impl Worker {
             Ok(j) => j,
             Err(e) if e.code() == Some("NotHydrating") => return Ok(None),
             Err(blockfleet_core::httpjson::HttpError::Api(a)) => return Err(a),
-            Err(e) => return Err(ApiError::unavailable("ControlPlaneUnavailable", e.to_string())),
+            Err(e) => {
+                return Err(ApiError::unavailable(
+                    "ControlPlaneUnavailable",
+                    e.to_string(),
+                ))
+            }
         };
-        let ctx = JobContext::load(&job, &self.archive, &self.kms, &self.pool, Arc::clone(&self.metrics))
-            .await
-            .map_err(fetch_error)?;
+        let ctx = JobContext::load(
+            &job,
+            &self.archive,
+            &self.kms,
+            &self.pool,
+            Arc::clone(&self.metrics),
+        )
+        .await
+        .map_err(fetch_error)?;
         let ctx = Arc::new(ctx);
         self.contexts().insert(volume.clone(), Arc::clone(&ctx));
         Ok(Some(ctx))
@@ -250,13 +270,19 @@ impl Worker {
     async fn fetch(&self, body: Bytes) -> Reply {
         let req: FetchRequest = httpjson::parse(&body)?;
         if req.chunks.len() > 4096 {
-            return Err(ApiError::bad_request("InvalidParameterValue", "at most 4096 chunks per fetch"));
+            return Err(ApiError::bad_request(
+                "InvalidParameterValue",
+                "at most 4096 chunks per fetch",
+            ));
         }
         let Some(ctx) = self.context_for(&req.volume_id).await? else {
             return Ok(serde_json::json!(FetchReply { hydrated: vec![] }));
         };
         let t = ctx.target_index(&req.volume_id).ok_or_else(|| {
-            ApiError::not_found("InvalidVolume.NotFound", format!("{} is not a target of this job", req.volume_id))
+            ApiError::not_found(
+                "InvalidVolume.NotFound",
+                format!("{} is not a target of this job", req.volume_id),
+            )
         })?;
         if let Some(bad) = req.chunks.iter().find(|&&c| c >= ctx.chunks_of(t)) {
             return Err(ApiError::bad_request(
@@ -268,7 +294,9 @@ impl Worker {
         futures::future::try_join_all(req.chunks.iter().map(|&c| ctx.hydrate(c, &which)))
             .await
             .map_err(fetch_error)?;
-        Ok(serde_json::json!(FetchReply { hydrated: req.chunks }))
+        Ok(serde_json::json!(FetchReply {
+            hydrated: req.chunks
+        }))
     }
 }
 
@@ -313,7 +341,10 @@ pub async fn run(
     if let Some(addr) = &tc.metrics_listen {
         let l = TcpListener::bind(addr).await?;
         let m = Arc::clone(&worker.metrics);
-        tokio::spawn(blockfleet_core::metrics::serve(l, Arc::new(move || m.render())));
+        tokio::spawn(blockfleet_core::metrics::serve(
+            l,
+            Arc::new(move || m.render()),
+        ));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let claimer = {
@@ -331,7 +362,10 @@ pub async fn run(
                     w.metrics.fetch.record(0, r.is_ok(), start.elapsed());
                     r
                 }
-                _ => Err(ApiError::not_found("InvalidAction", format!("no action at {path}"))),
+                _ => Err(ApiError::not_found(
+                    "InvalidAction",
+                    format!("no action at {path}"),
+                )),
             }
         }
     })

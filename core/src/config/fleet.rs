@@ -162,7 +162,8 @@ impl Default for TransformConfig {
 
 impl TransformConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.control_plane.starts_with("http://") || self.control_plane.starts_with("https://"))
+        if !(self.control_plane.starts_with("http://")
+            || self.control_plane.starts_with("https://"))
         {
             return Err(invalid(
                 "transform.control_plane",

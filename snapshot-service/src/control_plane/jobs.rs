@@ -140,7 +140,10 @@ impl ControlPlane {
                 tracing::warn!(job = %j.id, error = ?req.error, "hydration attempt failed; will retry");
             }
             JobOutcome::Failed => {
-                self.fail_job(&mut j, req.error.clone().unwrap_or_else(|| "unknown".into()))?;
+                self.fail_job(
+                    &mut j,
+                    req.error.clone().unwrap_or_else(|| "unknown".into()),
+                )?;
             }
         }
         self.state.flush()?;

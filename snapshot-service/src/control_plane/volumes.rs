@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use blockfleet_core::api::{
     AttachVolumeRequest, Attachment, CreateVolumeRequest, DescribeInstancesRequest,
-    DescribeVolumesRequest, Hydration, HydrationState, Instance, InstanceVolume, JobSource,
-    Volume, VolumeIdRequest, VolumeState,
+    DescribeVolumesRequest, Hydration, HydrationState, Instance, InstanceVolume, JobSource, Volume,
+    VolumeIdRequest, VolumeState,
 };
 use blockfleet_core::blockproto::ErrorCode;
 use blockfleet_core::httpjson::{parse, ApiError, Reply};
@@ -105,7 +105,9 @@ impl ControlPlane {
                         SnapshotError::Store(ref se) if !se.is_not_found() => {
                             ApiError::unavailable("StoreUnavailable", e.to_string())
                         }
-                        other => ApiError::bad_request("InvalidSnapshot.Corrupt", other.to_string()),
+                        other => {
+                            ApiError::bad_request("InvalidSnapshot.Corrupt", other.to_string())
+                        }
                     })?
                     .volume_size,
             ),
@@ -137,9 +139,11 @@ impl ControlPlane {
         let key = if req.encrypted || req.kms_key_id.is_some() {
             let asked = match &req.kms_key_id {
                 Some(k) => k.clone(),
-                None => self.default_key().await?.parse().map_err(|e| {
-                    ApiError::internal(format!("stored default key id: {e}"))
-                })?,
+                None => self
+                    .default_key()
+                    .await?
+                    .parse()
+                    .map_err(|e| ApiError::internal(format!("stored default key id: {e}")))?,
             };
             let resolved = self.kms.describe_key(&asked).await.map_err(kms_error)?;
             Some(resolved)
@@ -157,9 +161,9 @@ impl ControlPlane {
                 let id = VolumeId::generate();
                 let wrapped = match &key {
                     Some(k) => {
-                        let kid: KmsKeyId = k.parse().map_err(|e| {
-                            ApiError::internal(format!("KMS key id {k}: {e}"))
-                        })?;
+                        let kid: KmsKeyId = k
+                            .parse()
+                            .map_err(|e| ApiError::internal(format!("KMS key id {k}: {e}")))?;
                         Some(hex::encode(
                             self.kms
                                 .generate_wrapped_key(&kid, &id)
@@ -201,7 +205,9 @@ impl ControlPlane {
                     })?;
                 rec.state = VolumeState::Available;
                 self.state.put_volume(&rec)?;
-                *made.last_mut().ok_or_else(|| ApiError::internal("lost a record"))? = rec;
+                *made
+                    .last_mut()
+                    .ok_or_else(|| ApiError::internal("lost a record"))? = rec;
             }
             if let (Some(job), Some(snap)) = (&job_id, &req.snapshot_id) {
                 self.state.put_job(&JobRecord {
@@ -337,7 +343,11 @@ impl ControlPlane {
         self.state.put_volume(&v)?;
         self.state.flush()?;
         for addr in &v.placement {
-            let c = self.blocks.get(addr).await.map_err(|e| block_error(addr, &e))?;
+            let c = self
+                .blocks
+                .get(addr)
+                .await
+                .map_err(|e| block_error(addr, &e))?;
             match c.delete_volume(&v.id).await {
                 Ok(()) => {}
                 Err(e) if e.code() == Some(ErrorCode::NoSuchVolume) => {}
@@ -377,14 +387,20 @@ impl ControlPlane {
             .clone()
             .unwrap_or_else(|| self.config.default_host.clone());
         if host.is_empty() || host.len() > 128 {
-            return Err(ApiError::bad_request("InvalidParameterValue", "host: 1 to 128 characters"));
+            return Err(ApiError::bad_request(
+                "InvalidParameterValue",
+                "host: 1 to 128 characters",
+            ));
         }
         let _changes = self.changes.lock().await;
         let mut v = self.get_volume(&req.volume_id)?;
         if let Some(a) = &v.attachment {
             return Err(ApiError::conflict(
                 "VolumeInUse",
-                format!("volume {} is already attached to {}", v.id, a.attachment.instance_id),
+                format!(
+                    "volume {} is already attached to {}",
+                    v.id, a.attachment.instance_id
+                ),
             ));
         }
         if v.state != VolumeState::Available {
@@ -396,7 +412,8 @@ impl ControlPlane {
         for other in self.state.volumes()? {
             if let Some(a) = &other.attachment {
                 let a = &a.attachment;
-                if a.instance_id == req.instance_id && (a.device == device || (req.boot && a.boot)) {
+                if a.instance_id == req.instance_id && (a.device == device || (req.boot && a.boot))
+                {
                     return Err(ApiError::conflict(
                         "InvalidParameterValue",
                         format!(
