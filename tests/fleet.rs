@@ -587,7 +587,11 @@ async fn worker_killed_mid_job_resumes_and_user_writes_survive() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let v = &f.cp.describe_volumes(&[id.clone()]).await.unwrap()[0];
+        let v = &f
+            .cp
+            .describe_volumes(std::slice::from_ref(&id))
+            .await
+            .unwrap()[0];
         if v.hydration.as_ref().unwrap().hydrated_chunks.unwrap_or(0) >= 4 {
             break;
         }
@@ -598,7 +602,11 @@ async fn worker_killed_mid_job_resumes_and_user_writes_survive() {
     let mut tf = f.transform.take().unwrap();
     tf.child.kill().unwrap();
     tf.child.wait().unwrap();
-    let v = &f.cp.describe_volumes(&[id.clone()]).await.unwrap()[0];
+    let v = &f
+        .cp
+        .describe_volumes(std::slice::from_ref(&id))
+        .await
+        .unwrap()[0];
     let done = v.hydration.as_ref().unwrap().hydrated_chunks.unwrap();
     assert!(done < chunks, "the job finished before the kill ({done})");
 
@@ -618,7 +626,7 @@ async fn worker_killed_mid_job_resumes_and_user_writes_survive() {
         "read during hydration"
     );
 
-    let v = wait_hydrated(&f, &[id.clone()]);
+    let v = wait_hydrated(&f, std::slice::from_ref(&id));
     let h = v[0].hydration.as_ref().unwrap();
     assert_eq!(h.state, HydrationState::Done);
     assert!(h.attempts >= 2, "resumed by a second claim: {h:?}");

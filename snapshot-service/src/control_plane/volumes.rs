@@ -456,7 +456,7 @@ impl ControlPlane {
         self.state.put_volume(&v)?;
         self.state.flush()?;
         tracing::info!(volume = %v.id, instance = %attachment.instance_id, "attached");
-        Ok(serde_json::to_value(attachment).map_err(|e| ApiError::internal(e.to_string()))?)
+        serde_json::to_value(attachment).map_err(|e| ApiError::internal(e.to_string()))
     }
 
     pub(super) async fn detach_volume(&self, body: &[u8]) -> Reply {
