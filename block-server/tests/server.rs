@@ -171,6 +171,68 @@ async fn read_write_flush_and_bad_input() {
 }
 
 #[tokio::test]
+async fn unhydrated_reads_are_refused_and_progress_is_listed() {
+    let s = Server::start().await;
+    let c = s.client().await;
+    let v = vol();
+    c.create_volume(&v, 4 * CHUNK, true).await.unwrap();
+    assert_eq!(c.stat_volume(&v).await.unwrap().unhydrated, 4);
+    assert_eq!(
+        c.unhydrated_chunks(&v, 0, 100).await.unwrap(),
+        vec![0, 1, 2, 3]
+    );
+    // Unhydrated and not written by the user: the server does not hold the data yet.
+    let e = c.read(&v, CHUNK, 4096).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotHydrated));
+    // Units the user wrote read back even before hydration; the rest of the chunk does not.
+    c.write(&v, CHUNK + SECTOR, Bytes::from(pattern(129, 1)), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        c.read(&v, CHUNK + SECTOR, SECTOR as u32).await.unwrap(),
+        pattern(129, 1)
+    );
+    assert_eq!(
+        c.read(&v, CHUNK, 2 * SECTOR as u32)
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::NotHydrated)
+    );
+    // An empty hydration is a zero chunk: holes, and the user's unit kept.
+    assert_eq!(
+        c.write_if_unwritten(&v, 1, Bytes::new()).await.unwrap(),
+        1 << 1
+    );
+    let chunk = c.read(&v, CHUNK, CHUNK as u32).await.unwrap();
+    assert_eq!(
+        &chunk[SECTOR as usize..2 * SECTOR as usize],
+        &pattern(129, 1)[..]
+    );
+    assert!(chunk[..SECTOR as usize].iter().all(|&b| b == 0));
+    assert!(chunk[2 * SECTOR as usize..].iter().all(|&b| b == 0));
+    // A short payload is refused and changes nothing.
+    assert_eq!(
+        c.write_if_unwritten(&v, 2, Bytes::from(vec![1u8; 100]))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        c.unhydrated_chunks(&v, 0, 100).await.unwrap(),
+        vec![0, 2, 3]
+    );
+    assert_eq!(c.unhydrated_chunks(&v, 1, 1).await.unwrap(), vec![2]);
+    assert_eq!(c.stat_volume(&v).await.unwrap().unhydrated, 3);
+    // A volume that is not hydrating has nothing to hydrate and refuses no read.
+    let plain = VolumeId::generate();
+    c.create_volume(&plain, CHUNK, false).await.unwrap();
+    assert!(c.unhydrated_chunks(&plain, 0, 10).await.unwrap().is_empty());
+    assert_eq!(c.read(&plain, 0, 4096).await.unwrap(), vec![0u8; 4096]);
+}
+
+#[tokio::test]
 async fn pipelined_requests_on_one_connection() {
     let s = Server::start().await;
     let c = Arc::new(s.client().await);
@@ -513,7 +575,9 @@ async fn random_bytes_do_not_disturb_the_server() {
             })
             .collect()
     };
-    let hello = blockfleet_core::blockproto::wire::encode_hello(1);
+    let hello = blockfleet_core::blockproto::wire::encode_hello(
+        blockfleet_core::blockproto::PROTOCOL_VERSION,
+    );
     let mut cases: Vec<Vec<u8>> = (0..30).map(|i| rnd(1 + i * 37)).collect();
     cases.push(blockfleet_core::blockproto::wire::encode_hello(99).to_vec()); // wrong version
     cases.push(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec());

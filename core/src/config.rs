@@ -523,7 +523,12 @@ mod tests {
 
     #[test]
     fn shipped_configs_parse() {
-        for name in ["single-node.toml", "multi-node.toml", "s3-example.toml", "kms-example.toml"] {
+        for name in [
+            "single-node.toml",
+            "multi-node.toml",
+            "s3-example.toml",
+            "kms-example.toml",
+        ] {
             let p = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../config")
                 .join(name);
