@@ -100,6 +100,18 @@ impl Worker {
         self.contexts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    async fn load(&self, job: &Job) -> Result<Arc<JobContext>, JobError> {
+        JobContext::load(
+            job,
+            &self.archive,
+            &self.kms,
+            &self.pool,
+            Arc::clone(&self.metrics),
+        )
+        .await
+        .map(Arc::new)
+    }
+
     async fn report(&self, job: &str, outcome: JobOutcome, error: Option<String>) -> bool {
         let r = self
             .control_plane
@@ -143,16 +155,8 @@ impl Worker {
     async fn run_job(&self, job: Job) {
         let id = job.job_id.clone();
         tracing::info!(job = %id, attempt = job.attempt, targets = job.targets.len(), "job claimed");
-        let ctx = match JobContext::load(
-            &job,
-            &self.archive,
-            &self.kms,
-            &self.pool,
-            Arc::clone(&self.metrics),
-        )
-        .await
-        {
-            Ok(c) => Arc::new(c),
+        let ctx = match self.load(&job).await {
+            Ok(c) => c,
             Err(e) => return self.finish(&id, Err(e)).await,
         };
         {
@@ -253,16 +257,7 @@ impl Worker {
                 ))
             }
         };
-        let ctx = JobContext::load(
-            &job,
-            &self.archive,
-            &self.kms,
-            &self.pool,
-            Arc::clone(&self.metrics),
-        )
-        .await
-        .map_err(fetch_error)?;
-        let ctx = Arc::new(ctx);
+        let ctx = self.load(&job).await.map_err(fetch_error)?;
         self.contexts().insert(volume.clone(), Arc::clone(&ctx));
         Ok(Some(ctx))
     }
