@@ -14,8 +14,8 @@
 //! - [`sigv4`]: AWS SigV4 request verification for the AWS-shaped APIs blockfleet serves.
 //! - [`fsutil`]: crash-safe file writes (temp file, fsync, rename, fsync directory).
 
-#[cfg(any(feature = "s3", feature = "kms"))]
 pub mod api;
+#[cfg(any(feature = "s3", feature = "kms"))]
 pub mod aws;
 pub mod blockproto;
 pub mod config;
