@@ -4,256 +4,22 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blockfleet_core::api::{ControlPlaneClient, HydrationState, Volume};
-use blockfleet_core::config::{KmsClientConfig, Secret};
+use blockfleet_core::api::{HydrationState, Volume};
 use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
-use blockfleet_core::kms::Kms;
 use blockfleet_core::snapshot::{
     manifest::CIPHER_XTS_4K, Archive, ChunkHash, EncryptionHeader, Manifest, ManifestKey,
 };
 use blockfleet_core::units::{CHUNK, SECTORS_PER_CHUNK};
-use blockfleet_testkit::free_port;
+use common::{spawn, Fleet, FleetOptions, Proc};
 use sha2::{Digest, Sha256};
-
-struct Proc {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_blockfleet"))
-}
-
-/// Starts a service and reads the address from its one stdout line.
-fn spawn(config: &Path, args: &[&str]) -> Proc {
-    let mut child = bin()
-        .arg("-c")
-        .arg(config)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split(" listening on ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("{args:?} printed {line:?}"))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
-    Proc { child, addr }
-}
-
-struct Fleet {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    _kms: Proc,
-    _block_servers: Vec<Proc>,
-    _control_plane: Proc,
-    transform: Option<Proc>,
-    kms_endpoint: String,
-    cp: ControlPlaneClient,
-    transform_metrics: u16,
-}
-
-impl Fleet {
-    fn start(background_mib_per_sec: u64) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
-        let (kms, cp, tf, tfm) = (free_port(), free_port(), free_port(), free_port());
-        let bs: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let servers = bs
-            .iter()
-            .map(|p| format!("\"127.0.0.1:{p}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let text = format!(
-            r#"
-[store]
-kind = "local"
-path = "{d}/objects"
-[snapshot]
-manifest_key_file = "{d}/manifest.key"
-[control_plane]
-listen = "127.0.0.1:{cp}"
-data_dir = "{d}/cp"
-block_servers = [{servers}]
-job_lease_ms = 1000
-[control_plane.kms]
-endpoint = "http://127.0.0.1:{kms}"
-access_key_id = "AKCP"
-secret_access_key = "cp-secret-0123"
-[transform]
-listen = "127.0.0.1:{tf}"
-control_plane = "http://127.0.0.1:{cp}"
-concurrency = 8
-background_mib_per_sec = {background_mib_per_sec}
-poll_ms = 100
-metrics_listen = "127.0.0.1:{tfm}"
-[transform.kms]
-endpoint = "http://127.0.0.1:{kms}"
-access_key_id = "AKTF"
-secret_access_key = "tf-secret-0123"
-[kms]
-endpoint = "http://127.0.0.1:{kms}"
-access_key_id = "AKHOST"
-secret_access_key = "host-secret-0123"
-[kms_server]
-listen = "127.0.0.1:{kms}"
-data_dir = "{d}/kms"
-root_key_file = "{d}/kms-root.key"
-[[kms_server.principals]]
-name = "control-plane"
-role = "control_plane"
-access_key_id = "AKCP"
-secret_access_key = "cp-secret-0123"
-[[kms_server.principals]]
-name = "transform"
-role = "transform"
-access_key_id = "AKTF"
-secret_access_key = "tf-secret-0123"
-[[kms_server.principals]]
-name = "host-local"
-role = "host_agent"
-access_key_id = "AKHOST"
-secret_access_key = "host-secret-0123"
-"#
-        );
-        let config = dir.path().join("fleet.toml");
-        std::fs::write(&config, text).unwrap();
-        let kms_proc = spawn(&config, &["kms"]);
-        let block_servers = bs
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                spawn(
-                    &config,
-                    &[
-                        "block-server",
-                        "--listen",
-                        &format!("127.0.0.1:{p}"),
-                        "--data-dir",
-                        &format!("{d}/bs{i}"),
-                    ],
-                )
-            })
-            .collect();
-        let control_plane = spawn(&config, &["control-plane"]);
-        let mut f = Fleet {
-            config,
-            _kms: kms_proc,
-            _block_servers: block_servers,
-            cp: ControlPlaneClient::new(&format!("http://{}", control_plane.addr)),
-            _control_plane: control_plane,
-            transform: None,
-            kms_endpoint: format!("http://127.0.0.1:{kms}"),
-            transform_metrics: tfm,
-            dir,
-        };
-        f.start_transform();
-        f
-    }
-
-    fn start_transform(&mut self) {
-        self.transform = Some(spawn(&self.config, &["transform"]));
-    }
-
-    fn bf(&self, args: &[&str]) -> Output {
-        bin()
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.bf(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn fails(&self, args: &[&str], want: &str) {
-        let out = self.bf(args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(want),
-            "{args:?}: {err}"
-        );
-    }
-
-    async fn kms(&self, akid: &str, secret: &str) -> Kms {
-        Kms::connect(&KmsClientConfig {
-            endpoint: Some(self.kms_endpoint.clone()),
-            region: "local".into(),
-            access_key_id: Some(akid.into()),
-            secret_access_key: Some(Secret::new(secret)),
-        })
-        .await
-    }
-
-    fn create(&self, args: &[&str]) -> Vec<Volume> {
-        let mut a = vec!["-o", "json", "volume", "create"];
-        a.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&a)).unwrap()
-    }
-
-    /// Attaches `v` to a new instance and starts a host agent for it.
-    fn attach(&self, v: &VolumeId) -> Proc {
-        let instance = blockfleet_core::ids::InstanceId::generate();
-        self.ok(&[
-            "volume",
-            "attach",
-            v.as_str(),
-            "--instance",
-            instance.as_str(),
-        ]);
-        spawn(
-            &self.config,
-            &["attach", "--volume", v.as_str(), "--listen", "127.0.0.1:0"],
-        )
-    }
-
-    fn metric(&self, name: &str) -> u64 {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                &format!("http://127.0.0.1:{}/metrics", self.transform_metrics),
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no metric {name}"))
-            .trim()
-            .parse()
-            .unwrap()
-    }
-}
 
 /// Random data with zero chunks (every fourth) and a zero unit inside a data chunk.
 fn image(path: &Path, chunks: u64) -> Vec<u8> {
@@ -334,7 +100,7 @@ fn wait_hydrated(f: &Fleet, ids: &[VolumeId]) -> Vec<Volume> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_to_four_encrypted_volumes_reencryption_and_bad_input() {
-    let f = Fleet::start(0);
+    let f = Fleet::start(FleetOptions::default());
     let img_path = f.dir.path().join("image.raw");
     let chunks = 16;
     let img = image(&img_path, chunks);
@@ -573,7 +339,10 @@ fn qemu_io(agent: &Proc, cmd: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_job_resumes_and_user_writes_survive() {
     // Background hydration paced at 8 MiB/s so the kill lands mid-job.
-    let mut f = Fleet::start(8);
+    let mut f = Fleet::start(FleetOptions {
+        background_mib_per_sec: 8,
+        ..FleetOptions::default()
+    });
     let img_path = f.dir.path().join("image.raw");
     let chunks = 64;
     let mut expect = image(&img_path, chunks);

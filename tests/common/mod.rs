@@ -1,0 +1,276 @@
+//! Shared by tests/fleet.rs and benches/hydrate.rs: a whole fleet as real `blockfleet`
+//! processes on 127.0.0.1.
+
+#![allow(dead_code)] // each user takes what it needs
+#![allow(clippy::unwrap_used)] // a failed setup step should panic
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use blockfleet_core::api::{ControlPlaneClient, Volume};
+use blockfleet_core::config::{KmsClientConfig, Secret};
+use blockfleet_core::ids::VolumeId;
+use blockfleet_core::kms::Kms;
+use blockfleet_testkit::free_port;
+
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blockfleet"))
+}
+
+/// Starts a service and reads the address from its one stdout line.
+pub fn spawn(config: &Path, args: &[&str]) -> Proc {
+    let mut child = bin()
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split(" listening on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{args:?} printed {line:?}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    Proc { child, addr }
+}
+
+/// What differs between the fleets tests and benches start.
+pub struct FleetOptions {
+    /// The `[store]` section's body; default: a local store in the fleet's directory.
+    pub store: Option<String>,
+    pub background_mib_per_sec: u64,
+    pub concurrency: usize,
+    pub poll_ms: u64,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        FleetOptions {
+            store: None,
+            background_mib_per_sec: 0,
+            concurrency: 8,
+            poll_ms: 100,
+        }
+    }
+}
+
+/// KMS, three block servers, control plane and a transform worker, each a `blockfleet`
+/// process on 127.0.0.1, sharing one config file.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    /// First to go at drop, so no job attempt sees its block servers vanish.
+    pub transform: Option<Proc>,
+    _kms: Proc,
+    _block_servers: Vec<Proc>,
+    _control_plane: Proc,
+    pub kms_endpoint: String,
+    pub cp: ControlPlaneClient,
+    transform_metrics: u16,
+}
+
+impl Fleet {
+    pub fn start(o: FleetOptions) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let (kms, cp, tf, tfm) = (free_port(), free_port(), free_port(), free_port());
+        let bs: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let servers = bs
+            .iter()
+            .map(|p| format!("\"127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            r#"
+[store]
+{store}
+[snapshot]
+manifest_key_file = "{d}/manifest.key"
+[control_plane]
+listen = "127.0.0.1:{cp}"
+data_dir = "{d}/cp"
+block_servers = [{servers}]
+job_lease_ms = 1000
+[control_plane.kms]
+endpoint = "http://127.0.0.1:{kms}"
+access_key_id = "AKCP"
+secret_access_key = "cp-secret-0123"
+[transform]
+listen = "127.0.0.1:{tf}"
+control_plane = "http://127.0.0.1:{cp}"
+concurrency = {concurrency}
+background_mib_per_sec = {background}
+poll_ms = {poll_ms}
+metrics_listen = "127.0.0.1:{tfm}"
+[transform.kms]
+endpoint = "http://127.0.0.1:{kms}"
+access_key_id = "AKTF"
+secret_access_key = "tf-secret-0123"
+[kms]
+endpoint = "http://127.0.0.1:{kms}"
+access_key_id = "AKHOST"
+secret_access_key = "host-secret-0123"
+[kms_server]
+listen = "127.0.0.1:{kms}"
+data_dir = "{d}/kms"
+root_key_file = "{d}/kms-root.key"
+[[kms_server.principals]]
+name = "control-plane"
+role = "control_plane"
+access_key_id = "AKCP"
+secret_access_key = "cp-secret-0123"
+[[kms_server.principals]]
+name = "transform"
+role = "transform"
+access_key_id = "AKTF"
+secret_access_key = "tf-secret-0123"
+[[kms_server.principals]]
+name = "host-local"
+role = "host_agent"
+access_key_id = "AKHOST"
+secret_access_key = "host-secret-0123"
+"#,
+            store = o
+                .store
+                .unwrap_or_else(|| format!("kind = \"local\"\npath = \"{d}/objects\"")),
+            concurrency = o.concurrency,
+            background = o.background_mib_per_sec,
+            poll_ms = o.poll_ms,
+        );
+        let config = dir.path().join("fleet.toml");
+        std::fs::write(&config, text).unwrap();
+        let kms_proc = spawn(&config, &["kms"]);
+        let block_servers = bs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                spawn(
+                    &config,
+                    &[
+                        "block-server",
+                        "--listen",
+                        &format!("127.0.0.1:{p}"),
+                        "--data-dir",
+                        &format!("{d}/bs{i}"),
+                    ],
+                )
+            })
+            .collect();
+        let control_plane = spawn(&config, &["control-plane"]);
+        let mut f = Fleet {
+            config,
+            _kms: kms_proc,
+            _block_servers: block_servers,
+            cp: ControlPlaneClient::new(&format!("http://{}", control_plane.addr)),
+            _control_plane: control_plane,
+            transform: None,
+            kms_endpoint: format!("http://127.0.0.1:{kms}"),
+            transform_metrics: tfm,
+            dir,
+        };
+        f.start_transform();
+        f
+    }
+
+    pub fn start_transform(&mut self) {
+        self.transform = Some(spawn(&self.config, &["transform"]));
+    }
+
+    pub fn bf(&self, args: &[&str]) -> Output {
+        bin()
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.bf(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn fails(&self, args: &[&str], want: &str) {
+        let out = self.bf(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+
+    pub async fn kms(&self, akid: &str, secret: &str) -> Kms {
+        Kms::connect(&KmsClientConfig {
+            endpoint: Some(self.kms_endpoint.clone()),
+            region: "local".into(),
+            access_key_id: Some(akid.into()),
+            secret_access_key: Some(Secret::new(secret)),
+        })
+        .await
+    }
+
+    pub fn create(&self, args: &[&str]) -> Vec<Volume> {
+        let mut a = vec!["-o", "json", "volume", "create"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// Attaches `v` to a new instance and starts a host agent for it.
+    pub fn attach(&self, v: &VolumeId) -> Proc {
+        let instance = blockfleet_core::ids::InstanceId::generate();
+        self.ok(&[
+            "volume",
+            "attach",
+            v.as_str(),
+            "--instance",
+            instance.as_str(),
+        ]);
+        spawn(
+            &self.config,
+            &["attach", "--volume", v.as_str(), "--listen", "127.0.0.1:0"],
+        )
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                &format!("http://127.0.0.1:{}/metrics", self.transform_metrics),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no metric {name}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
