@@ -165,11 +165,15 @@ pub enum SnapshotCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create volumes, empty or from a snapshot (hydrated in the background, usable at once).
+    /// Create volumes, empty, from a snapshot or from a volume (hydrated in the background,
+    /// usable at once).
     Create {
-        #[arg(long, value_name = "SNAPSHOT_ID")]
+        #[arg(long, value_name = "SNAPSHOT_ID", conflicts_with = "from_volume")]
         from_snapshot: Option<String>,
-        /// Size, e.g. 10GiB or 1073741824 (default: the snapshot's size).
+        /// Copy a volume as it is now (a cut taken at once; the source stays in use).
+        #[arg(long, value_name = "VOLUME_ID")]
+        from_volume: Option<String>,
+        /// Size, e.g. 10GiB or 1073741824 (default: the source's size).
         #[arg(long)]
         size: Option<String>,
         /// Encrypt under the fleet's default key, or --kms-key.

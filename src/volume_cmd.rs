@@ -110,6 +110,7 @@ pub async fn run(url: &str, output: Output, cmd: VolumeCommand) -> anyhow::Resul
     match cmd {
         VolumeCommand::Create {
             from_snapshot,
+            from_volume,
             size,
             encrypted,
             kms_key,
@@ -119,7 +120,7 @@ pub async fn run(url: &str, output: Output, cmd: VolumeCommand) -> anyhow::Resul
             let req = CreateVolumeRequest {
                 size: size.as_deref().map(parse_size).transpose()?,
                 snapshot_id: from_snapshot.as_deref().map(str::parse).transpose()?,
-                source_volume_id: None,
+                source_volume_id: from_volume.as_deref().map(str::parse).transpose()?,
                 encrypted,
                 kms_key_id: kms_key.as_deref().map(str::parse).transpose()?,
                 count: Some(count),

@@ -409,3 +409,101 @@ async fn worker_killed_mid_job_resumes_and_user_writes_survive() {
         "read after hydration"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_copied_from_a_volume_at_the_moment_asked() {
+    // Paced at 4 MiB/s so writes to the source land while the copy is still being read.
+    let f = Fleet::start(FleetOptions {
+        background_mib_per_sec: 4,
+        ..FleetOptions::default()
+    });
+    let img_path = f.dir.path().join("image.raw");
+    let chunks = 32;
+    let mut at_cut = image(&img_path, chunks);
+    let snap = f
+        .ok(&["snapshot", "import", img_path.to_str().unwrap()])
+        .trim()
+        .to_owned();
+    let src = f.create(&["--from-snapshot", &snap, "--encrypted", "--wait"]);
+    let a = src[0].volume_id.clone();
+    let agent_a = f.attach(&a);
+    qemu_io(&agent_a, &format!("write -P 0x11 {} 8192", 3 * CHUNK));
+    at_cut[3 * CHUNK as usize..3 * CHUNK as usize + 8192].fill(0x11);
+
+    // Two copies at once in one call, under another key; then the source changes at once.
+    let cp_kms = f.kms("AKCP", "cp-secret-0123").await;
+    let key: KmsKeyId = cp_kms.create_key("copy").await.unwrap().parse().unwrap();
+    let copies = f.create(&[
+        "--from-volume",
+        a.as_str(),
+        "--kms-key",
+        key.as_str(),
+        "--count",
+        "2",
+    ]);
+    let mut now = at_cut.clone();
+    let late = (chunks - 1) * CHUNK;
+    qemu_io(&agent_a, &format!("write -P 0x22 {late} 65536"));
+    now[late as usize..late as usize + 65536].fill(0x22);
+
+    // While the copy runs: a second cut is refused, and so is deleting the source.
+    f.fails(
+        &["volume", "create", "--from-volume", a.as_str()],
+        "VolumeBusy",
+    );
+    drop(agent_a);
+    f.ok(&["volume", "detach", a.as_str()]);
+    f.fails(&["volume", "rm", a.as_str()], "source of hydration job");
+    let agent_a = f.attach(&a);
+
+    let ids: Vec<VolumeId> = copies.iter().map(|v| v.volume_id.clone()).collect();
+    let done = wait_hydrated(&f, &ids);
+    for (i, v) in done.iter().enumerate() {
+        assert_eq!(v.hydration.as_ref().unwrap().state, HydrationState::Done);
+        assert_eq!(v.source_volume_id.as_ref(), Some(&a));
+        assert_eq!(v.kms_key_id.as_deref(), Some(key.as_str()));
+        let agent = f.attach(&v.volume_id);
+        assert!(
+            nbd_read(&agent, &f.dir.path().join(format!("copy{i}"))) == at_cut,
+            "copy {i} is not the source as it was when the copy was asked for"
+        );
+    }
+    assert!(
+        nbd_read(&agent_a, &f.dir.path().join("src")) == now,
+        "the source lost a write made during the copy"
+    );
+
+    // The cut is released with the job: the source can be copied again, now with the write.
+    let again = f.create(&["--from-volume", a.as_str(), "--wait"]);
+    let agent = f.attach(&again[0].volume_id);
+    assert!(nbd_read(&agent, &f.dir.path().join("again")) == now);
+
+    // Bad input: a clear error, nothing created.
+    let before = f.cp.describe_volumes(&[]).await.unwrap().len();
+    let unknown = VolumeId::generate();
+    f.fails(
+        &["volume", "create", "--from-volume", unknown.as_str()],
+        "InvalidVolume.NotFound",
+    );
+    f.fails(
+        &[
+            "volume",
+            "create",
+            "--from-volume",
+            a.as_str(),
+            "--size",
+            "1MiB",
+        ],
+        "smaller than the source volume's",
+    );
+    let both =
+        f.cp.create_volume(&blockfleet_core::api::CreateVolumeRequest {
+            snapshot_id: Some(snap.parse().unwrap()),
+            source_volume_id: Some(a.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(both.code(), Some("InvalidParameterCombination"), "{both}");
+    assert_eq!(f.cp.describe_volumes(&[]).await.unwrap().len(), before);
+}

@@ -173,7 +173,26 @@ pub struct AttachInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobSource {
-    Snapshot { snapshot_id: SnapshotId },
+    Snapshot {
+        snapshot_id: SnapshotId,
+    },
+    /// A volume as it was at `mark`, a cut taken on its block server when the copy was asked
+    /// for and released when the job ends.
+    Volume {
+        volume_id: VolumeId,
+        mark: u64,
+    },
+}
+
+/// Where a job reads a source volume from (filled in by the control plane per claim).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceVolume {
+    pub volume_id: VolumeId,
+    pub block_server: String,
+    pub size: u64,
+    pub mark: u64,
+    /// Hex; absent for an unencrypted volume.
+    pub wrapped_key: Option<String>,
 }
 
 /// One volume a job fills.
@@ -191,6 +210,9 @@ pub struct JobTarget {
 pub struct Job {
     pub job_id: String,
     pub source: JobSource,
+    /// Set when `source` is a volume.
+    #[serde(default)]
+    pub source_volume: Option<SourceVolume>,
     pub targets: Vec<JobTarget>,
     pub attempt: u32,
 }

@@ -34,6 +34,8 @@ pub struct VolumeRecord {
     /// Hex of the KMS-wrapped data key.
     pub wrapped_key: Option<String>,
     pub snapshot_id: Option<SnapshotId>,
+    #[serde(default)]
+    pub source_volume_id: Option<VolumeId>,
     pub placement: Vec<String>,
     pub job_id: Option<String>,
     pub attachment: Option<AttachmentRecord>,

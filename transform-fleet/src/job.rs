@@ -1,5 +1,5 @@
-//! One hydration job as a worker holds it: the source (a snapshot, its manifest checked, its key
-//! unwrapped if it is encrypted) and the targets (a block-server connection and an unwrapped key
+//! One hydration job as a worker holds it: the source (a snapshot, its manifest checked, or a
+//! volume at a mark on its block server; its key unwrapped if it is encrypted) and the targets (a block-server connection and an unwrapped key
 //! each). A source chunk is read and verified once, decrypted once, then encrypted under each
 //! target's own key and written with `WriteIfUnwritten`, which never overwrites a user write.
 
@@ -64,13 +64,37 @@ impl std::fmt::Debug for Target {
     }
 }
 
+/// Where source chunks come from.
+enum Source {
+    Snapshot {
+        manifest: Manifest,
+        archive: Archive,
+    },
+    /// A volume as it was at `mark`, read from its block server.
+    Volume {
+        volume: VolumeId,
+        addr: String,
+        client: Arc<BlockClient>,
+        mark: u64,
+        chunks: u64,
+    },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Snapshot { manifest, .. } => write!(f, "snapshot {}", manifest.snapshot_id),
+            Source::Volume { volume, mark, .. } => write!(f, "volume {volume} at mark {mark}"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct JobContext {
     pub job_id: String,
-    manifest: Manifest,
+    source: Source,
     source_xts: Option<Xts>,
     pub targets: Vec<Target>,
-    archive: Archive,
     metrics: Arc<Metrics>,
 }
 
@@ -93,20 +117,49 @@ impl JobContext {
         pool: &BlockPool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, JobError> {
-        let JobSource::Snapshot { snapshot_id } = &job.source;
-        let manifest = archive
-            .get_manifest(snapshot_id)
-            .await
-            .map_err(snapshot_error)?;
-        let source_xts = match &manifest.encryption {
-            None => None,
-            Some(h) => {
-                let volume = h.context_volume.as_ref().ok_or_else(|| {
-                    JobError::Fatal(format!(
-                        "snapshot {snapshot_id} is encrypted but names no context volume for its key"
-                    ))
+        let (source, source_xts) = match &job.source {
+            JobSource::Snapshot { snapshot_id } => {
+                let manifest = archive
+                    .get_manifest(snapshot_id)
+                    .await
+                    .map_err(snapshot_error)?;
+                let xts = match &manifest.encryption {
+                    None => None,
+                    Some(h) => {
+                        let volume = h.context_volume.as_ref().ok_or_else(|| {
+                            JobError::Fatal(format!(
+                                "snapshot {snapshot_id} is encrypted but names no context volume for its key"
+                            ))
+                        })?;
+                        Some(unwrap_key(kms, &hex::encode(&h.wrapped_key), volume).await?)
+                    }
+                };
+                let source = Source::Snapshot {
+                    manifest,
+                    archive: archive.clone(),
+                };
+                (source, xts)
+            }
+            JobSource::Volume { volume_id, mark } => {
+                let sv = job.source_volume.as_ref().ok_or_else(|| {
+                    JobError::Fatal(format!("source volume {volume_id} no longer exists"))
                 })?;
-                Some(unwrap_key(kms, &hex::encode(&h.wrapped_key), volume).await?)
+                let xts = match &sv.wrapped_key {
+                    Some(w) => Some(unwrap_key(kms, w, volume_id).await?),
+                    None => None,
+                };
+                let client = pool
+                    .get(&sv.block_server)
+                    .await
+                    .map_err(|e| block_error(&sv.block_server, &e))?;
+                let source = Source::Volume {
+                    volume: volume_id.clone(),
+                    addr: sv.block_server.clone(),
+                    client,
+                    mark: *mark,
+                    chunks: chunk_count(sv.size),
+                };
+                (source, xts)
             }
         };
         let mut targets = Vec::new();
@@ -115,10 +168,9 @@ impl JobContext {
         }
         Ok(JobContext {
             job_id: job.job_id.clone(),
-            manifest,
+            source,
             source_xts,
             targets,
-            archive: archive.clone(),
             metrics,
         })
     }
@@ -149,27 +201,55 @@ impl JobContext {
         self.targets[target].chunks
     }
 
-    /// Reads source chunk `c` as plaintext (`None`: a zero chunk), verified.
+    /// Reads source chunk `c` as stored (`None`: a zero chunk): from a snapshot verified, from
+    /// a volume as it was at the mark.
     async fn source_chunk(&self, c: u64) -> Result<Option<Vec<u8>>, JobError> {
-        let Some(hash) = self.manifest.chunks.get(&c) else {
-            return Ok(None);
-        };
-        let data = self.archive.get_chunk(hash).await.map_err(|e| match e {
-            SnapshotError::Store(ref s) if s.is_not_found() => JobError::Fatal(format!(
-                "chunk {c} of snapshot {} is missing from the store: {e}",
-                self.manifest.snapshot_id
-            )),
-            other => {
-                let je = snapshot_error(other);
-                match je {
-                    JobError::Fatal(m) => JobError::Fatal(format!(
-                        "chunk {c} of snapshot {}: {m}",
-                        self.manifest.snapshot_id
+        let data = match &self.source {
+            Source::Snapshot { manifest, archive } => {
+                let Some(hash) = manifest.chunks.get(&c) else {
+                    return Ok(None);
+                };
+                archive.get_chunk(hash).await.map_err(|e| match e {
+                    SnapshotError::Store(ref s) if s.is_not_found() => JobError::Fatal(format!(
+                        "chunk {c} of snapshot {} is missing from the store: {e}",
+                        manifest.snapshot_id
                     )),
-                    r => r,
-                }
+                    other => match snapshot_error(other) {
+                        JobError::Fatal(m) => JobError::Fatal(format!(
+                            "chunk {c} of snapshot {}: {m}",
+                            manifest.snapshot_id
+                        )),
+                        r => r,
+                    },
+                })?
             }
-        })?;
+            Source::Volume {
+                volume,
+                addr,
+                client,
+                mark,
+                chunks,
+            } => {
+                if c >= *chunks {
+                    return Ok(None);
+                }
+                let (info, data) = client
+                    .read_mark(volume, *mark, c)
+                    .await
+                    .map_err(|e| match e.code() {
+                        Some(ErrorCode::NoSuchMark) | Some(ErrorCode::NoSuchVolume) => {
+                            JobError::Fatal(format!(
+                                "source volume {volume} lost its mark {mark} (its block server restarted, or the volume is gone): create the copy again"
+                            ))
+                        }
+                        _ => block_error(addr, &e),
+                    })?;
+                if info.generation == 0 {
+                    return Ok(None);
+                }
+                data
+            }
+        };
         self.metrics.source_chunks.fetch_add(1, Ordering::Relaxed);
         Ok(Some(data.to_vec()))
     }
@@ -186,7 +266,7 @@ impl JobContext {
                 tokio::task::spawn_blocking(move || {
                     let first_unit = c * SECTORS_PER_CHUNK;
                     if let Some(x) = &me.source_xts {
-                        x.decrypt(&mut p, first_unit)
+                        x.decrypt_stored(&mut p, first_unit)
                             .map_err(|e| JobError::Fatal(e.to_string()))?;
                     }
                     which

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use blockfleet_core::api::{
-    AttachInfo, ClaimJobRequest, HydrationState, Job, JobOutcome, JobReport, JobTarget,
-    VolumeIdRequest,
+    AttachInfo, ClaimJobRequest, HydrationState, Job, JobOutcome, JobReport, JobSource, JobTarget,
+    SourceVolume, VolumeIdRequest,
 };
 use blockfleet_core::httpjson::{parse, ApiError, Reply};
 use serde_json::json;
@@ -32,9 +32,23 @@ impl ControlPlane {
                 wrapped_key: v.wrapped_key.clone(),
             });
         }
+        let source_volume = match &j.source {
+            JobSource::Snapshot { .. } => None,
+            // Absent once the source is deleted, which only a finished job allows.
+            JobSource::Volume { volume_id, mark } => {
+                self.state.volume(volume_id)?.map(|v| SourceVolume {
+                    volume_id: v.id.clone(),
+                    block_server: v.placement.first().cloned().unwrap_or_default(),
+                    size: v.size,
+                    mark: *mark,
+                    wrapped_key: v.wrapped_key.clone(),
+                })
+            }
+        };
         Ok(Job {
             job_id: j.id.clone(),
             source: j.source.clone(),
+            source_volume,
             targets,
             attempt: j.attempts,
         })
@@ -84,6 +98,7 @@ impl ControlPlane {
                 );
                 self.fail_job(&mut j, reason)?;
                 self.state.flush()?;
+                self.release_source(&j.source).await;
                 continue;
             }
             if let Some(l) = &j.lease {
@@ -147,6 +162,9 @@ impl ControlPlane {
             }
         }
         self.state.flush()?;
+        if matches!(j.state, HydrationState::Done | HydrationState::Failed) {
+            self.release_source(&j.source).await;
+        }
         let live = self.job_spec(&j)?;
         let dropped: Vec<_> = j
             .targets

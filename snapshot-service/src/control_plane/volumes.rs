@@ -77,6 +77,107 @@ impl ControlPlane {
         Ok(order.into_iter().map(|(_, _, b)| b).collect())
     }
 
+    /// A volume that can be copied: whole (hydration done), not impaired, not being deleted.
+    fn check_source_volume(&self, id: &VolumeId) -> Result<VolumeRecord, ApiError> {
+        let src = self.get_volume(id)?;
+        if !matches!(src.state, VolumeState::Available | VolumeState::InUse) {
+            return Err(ApiError::conflict(
+                "IncorrectState",
+                format!("source volume {id} is {:?}", src.state),
+            ));
+        }
+        if let Some(r) = &src.impaired_reason {
+            return Err(ApiError::conflict(
+                "IncorrectState",
+                format!("source volume {id} is impaired ({r}): it cannot be copied"),
+            ));
+        }
+        if let Some(j) = &src.job_id {
+            if self
+                .state
+                .job(j)?
+                .is_some_and(|j| j.state != HydrationState::Done)
+            {
+                return Err(ApiError::conflict(
+                    "IncorrectState",
+                    format!(
+                        "source volume {id} is still hydrating (job {j}): copy it when it is done"
+                    ),
+                ));
+            }
+        }
+        Ok(src)
+    }
+
+    /// Takes the cut a copy reproduces: pause, mark, resume on the source's block server.
+    /// The block server keeps the marked chunks aside as the user writes on.
+    async fn mark_source(&self, src: &VolumeRecord) -> Result<u64, ApiError> {
+        let addr = src
+            .placement
+            .first()
+            .ok_or_else(|| ApiError::internal(format!("volume {} has no placement", src.id)))?;
+        let c = self
+            .blocks
+            .get(addr)
+            .await
+            .map_err(|e| block_error(addr, &e))?;
+        c.pause(&src.id).await.map_err(|e| {
+            self.blocks.forget_if_broken(addr, &e);
+            block_error(addr, &e)
+        })?;
+        let mark = c.mark(&src.id).await;
+        // Resumed whatever the mark did: a paused volume stalls its instance.
+        let resumed = c.resume(&src.id).await;
+        let mark = mark.map_err(|e| match e.code() {
+            Some(ErrorCode::MarkOpen) => ApiError::conflict(
+                "VolumeBusy",
+                format!(
+                    "source volume {} is being snapshotted or copied already; retry when that finishes",
+                    src.id
+                ),
+            ),
+            _ => block_error(addr, &e),
+        })?;
+        if let Err(e) = resumed {
+            let _ = c.release_mark(&src.id, mark).await;
+            return Err(block_error(addr, &e));
+        }
+        Ok(mark)
+    }
+
+    /// The unfinished job reading `id` as its source, if any.
+    fn job_reading(&self, id: &VolumeId) -> Result<Option<JobRecord>, ApiError> {
+        Ok(self.state.jobs()?.into_iter().find(|j| {
+            matches!(&j.source, JobSource::Volume { volume_id, .. } if volume_id == id)
+                && matches!(j.state, HydrationState::Pending | HydrationState::Running)
+        }))
+    }
+
+    /// Lets a source volume's block server drop the cut a finished job read (best effort: a
+    /// restarted block server has dropped it already).
+    pub(super) async fn release_source(&self, source: &JobSource) {
+        let JobSource::Volume { volume_id, mark } = source else {
+            return;
+        };
+        let Ok(Some(src)) = self.state.volume(volume_id) else {
+            return;
+        };
+        let Some(addr) = src.placement.first() else {
+            return;
+        };
+        let r = match self.blocks.get(addr).await {
+            Ok(c) => c.release_mark(volume_id, *mark).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => tracing::info!(volume = %volume_id, mark, "source mark released"),
+            Err(e) if e.code() == Some(ErrorCode::NoSuchMark) => {}
+            Err(e) => {
+                tracing::warn!(volume = %volume_id, mark, error = %e, "could not release the source mark")
+            }
+        }
+    }
+
     pub(super) async fn create_volume(self: &Arc<Self>, body: &[u8]) -> Reply {
         let req: CreateVolumeRequest = parse(body)?;
         let count = req.count.unwrap_or(1);
@@ -86,12 +187,16 @@ impl ControlPlane {
                 format!("count must be 1 to {MAX_COUNT}, got {count}"),
             ));
         }
-        if req.source_volume_id.is_some() {
+        if req.snapshot_id.is_some() && req.source_volume_id.is_some() {
             return Err(ApiError::bad_request(
-                "UnsupportedOperation",
-                "creating a volume from another volume is not supported yet: snapshot it and create from the snapshot",
+                "InvalidParameterCombination",
+                "give a snapshot_id or a source_volume_id, not both",
             ));
         }
+        let source_size = match &req.source_volume_id {
+            Some(s) => Some(self.check_source_volume(s)?.size),
+            None => None,
+        };
         let snapshot_size = match &req.snapshot_id {
             Some(s) => Some(
                 self.archive
@@ -111,21 +216,26 @@ impl ControlPlane {
                     })?
                     .volume_size,
             ),
-            None => None,
+            None => source_size,
         };
         let size = match (req.size, snapshot_size) {
             (Some(s), Some(min)) if s < min => {
+                let of = if req.snapshot_id.is_some() {
+                    "the snapshot's"
+                } else {
+                    "the source volume's"
+                };
                 return Err(ApiError::bad_request(
                     "InvalidParameterValue",
-                    format!("size {s} is smaller than the snapshot's {min} bytes"),
-                ))
+                    format!("size {s} is smaller than {of} {min} bytes"),
+                ));
             }
             (Some(s), _) => s,
             (None, Some(min)) => min.div_ceil(CHUNK) * CHUNK,
             (None, None) => {
                 return Err(ApiError::bad_request(
                     "MissingParameter",
-                    "give a size, a snapshot_id, or both",
+                    "give a size, a snapshot_id or source_volume_id, or both",
                 ))
             }
         };
@@ -151,8 +261,21 @@ impl ControlPlane {
             None
         };
         let order = self.placement_order()?;
-        let job_id = req
-            .snapshot_id
+        let source = match (&req.snapshot_id, &req.source_volume_id) {
+            (Some(snap), _) => Some(JobSource::Snapshot {
+                snapshot_id: snap.clone(),
+            }),
+            (None, Some(vol)) => {
+                // Checked again under the lock: it may have changed since.
+                let src = self.check_source_volume(vol)?;
+                Some(JobSource::Volume {
+                    volume_id: vol.clone(),
+                    mark: self.mark_source(&src).await?,
+                })
+            }
+            (None, None) => None,
+        };
+        let job_id = source
             .as_ref()
             .map(|_| format!("job-{}", &VolumeId::generate().as_str()[4..]));
         let mut made: Vec<VolumeRecord> = Vec::new();
@@ -181,6 +304,7 @@ impl ControlPlane {
                     kms_key_id: key.clone(),
                     wrapped_key: wrapped,
                     snapshot_id: req.snapshot_id.clone(),
+                    source_volume_id: req.source_volume_id.clone(),
                     placement: vec![server.clone()],
                     job_id: job_id.clone(),
                     attachment: None,
@@ -209,12 +333,10 @@ impl ControlPlane {
                     .last_mut()
                     .ok_or_else(|| ApiError::internal("lost a record"))? = rec;
             }
-            if let (Some(job), Some(snap)) = (&job_id, &req.snapshot_id) {
+            if let (Some(job), Some(source)) = (&job_id, &source) {
                 self.state.put_job(&JobRecord {
                     id: job.clone(),
-                    source: JobSource::Snapshot {
-                        snapshot_id: snap.clone(),
-                    },
+                    source: source.clone(),
                     targets: made.iter().map(|v| v.id.clone()).collect(),
                     state: HydrationState::Pending,
                     lease: None,
@@ -235,6 +357,9 @@ impl ControlPlane {
                 let _ = self.state.remove_volume(&v.id);
             }
             let _ = self.state.flush();
+            if let Some(s) = &source {
+                self.release_source(s).await;
+            }
             return Err(e);
         }
         tracing::info!(count, size, job = ?job_id, "volumes created");
@@ -279,7 +404,7 @@ impl ControlPlane {
             encrypted: v.kms_key_id.is_some(),
             kms_key_id: v.kms_key_id.clone(),
             snapshot_id: v.snapshot_id.clone(),
-            source_volume_id: None,
+            source_volume_id: v.source_volume_id.clone(),
             placement: v.placement.clone(),
             hydration,
             attachment: v.attachment.as_ref().map(|a| a.attachment.clone()),
@@ -339,6 +464,15 @@ impl ControlPlane {
                 ),
             ));
         }
+        if let Some(j) = self.job_reading(&v.id)? {
+            return Err(ApiError::conflict(
+                "VolumeInUse",
+                format!(
+                    "volume {} is the source of hydration job {}: wait for it or delete its volumes first",
+                    v.id, j.id
+                ),
+            ));
+        }
         v.state = VolumeState::Deleting;
         self.state.put_volume(&v)?;
         self.state.flush()?;
@@ -362,6 +496,7 @@ impl ControlPlane {
                 job.targets.retain(|t| t != &v.id);
                 if job.targets.is_empty() {
                     self.state.remove_job(job_id)?;
+                    self.release_source(&job.source).await;
                 } else {
                     self.state.put_job(&job)?;
                 }
