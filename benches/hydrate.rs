@@ -9,7 +9,7 @@
 //!   fetch while background hydration crawls at 1 MiB/s), p50/p99, beside a read of a hydrated
 //!   chunk and a raw GET of one chunk.
 //!
-//! Set BENCH_IMAGE_MIB to change the size, BENCH_S3=0 to skip Garage. Prints one `BENCH <name> <value> <unit>` line per figure.
+//! Set BENCH_IMAGE_MIB to change the size, BENCH_STORES (default `local,s3`) to pick stores. Prints one `BENCH <name> <value> <unit>` line per figure.
 
 #![allow(clippy::unwrap_used)] // a bench that cannot set up should stop loudly
 
@@ -53,9 +53,42 @@ fn mbps(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / secs / 1e6
 }
 
-fn report_rate(name: &str, label: &str, bytes: u64, secs: f64) -> f64 {
+/// (busy, total) jiffies of all CPUs, from /proc/stat: whether a phase saturated the machine.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
+fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    (f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)) as f64 / 100.0
+}
+
+fn busy_since(start: (u64, u64)) -> f64 {
+    let now = cpu_ticks();
+    (now.0 - start.0) as f64 * 100.0 / (now.1 - start.1).max(1) as f64
+}
+
+fn report_rate(name: &str, label: &str, bytes: u64, secs: f64, busy: f64) -> f64 {
     let r = mbps(bytes, secs);
-    println!("{label:<58} {r:>8.0} MB/s  ({secs:.2} s)");
+    println!("{label:<58} {r:>8.0} MB/s  ({secs:.2} s, CPUs {busy:.0}% busy)");
     println!("BENCH {name} {r:.0} MB/s");
     r
 }
@@ -176,21 +209,34 @@ async fn run_store(
     let chunks = keys.len() as u64;
     assert_eq!(chunks * CHUNK, size, "random image: every chunk stored");
 
+    let cpu = cpu_ticks();
+    let secs = raw_get(&store, &keys).await;
     let get = report_rate(
         &format!("raw_get_{name}"),
         &format!("raw GET of every chunk, {CONCURRENCY} at once ({label})"),
         size,
-        raw_get(&store, &keys).await,
+        secs,
+        busy_since(cpu),
     );
+    let cpu = cpu_ticks();
+    let worker = f.transform.as_ref().unwrap().child.id();
+    let worker_cpu = process_cpu_secs(worker);
     let (secs, _) = hydrate(&f, &snap, 1).await;
     let one = report_rate(
         &format!("hydrate_1_target_{name}"),
         &format!("hydration, 1 encrypted volume ({label})"),
         size,
         secs,
+        busy_since(cpu),
     );
+    // What one core of a dedicated transform host could push: the worker's own CPU per byte.
+    let per_core = mbps(size, process_cpu_secs(worker) - worker_cpu);
+    println!("  transform worker: {per_core:.0} MB/s per CPU-second it used");
+    println!("BENCH transform_worker_per_core_{name} {per_core:.0} MB/s");
     let before = f.metric("blockfleet_transform_source_chunks_total");
+    let cpu = cpu_ticks();
     let (secs, _) = hydrate(&f, &snap, 4).await;
+    let busy = busy_since(cpu);
     let read = f.metric("blockfleet_transform_source_chunks_total") - before;
     assert_eq!(read, chunks, "4 targets must read the source once");
     let four = report_rate(
@@ -198,6 +244,7 @@ async fn run_store(
         &format!("hydration, 4 encrypted volumes, one call ({label})"),
         size,
         secs,
+        busy,
     );
     println!(
         "  1 target at {:.0}% of raw GET; 4 targets at {:.0}% (source chunks read: {read} for {chunks})",
@@ -288,8 +335,10 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
+        let stores = std::env::var("BENCH_STORES").unwrap_or_else(|_| "local,s3".into());
         let objects = dir.path().join("objects");
-        run_store(
+        if stores.contains("local") {
+            run_store(
             "local store",
             "local",
             format!("kind = \"local\"\npath = \"{}\"", objects.display()),
@@ -298,10 +347,9 @@ fn main() {
             size,
         )
         .await;
+        }
         match blockfleet_testkit::garage_binary() {
-            _ if std::env::var("BENCH_S3").as_deref() == Ok("0") => {
-                println!("S3 (Garage): skipped (BENCH_S3=0)")
-            }
+            _ if !stores.contains("s3") => println!("S3 (Garage): skipped (BENCH_STORES)"),
             None => println!("S3 (Garage): skipped, garage not installed"),
             Some(_) => {
                 let g = blockfleet_testkit::Garage::start();

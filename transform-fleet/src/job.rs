@@ -14,7 +14,7 @@ use blockfleet_core::ids::VolumeId;
 use blockfleet_core::kms::{Kms, KmsError};
 use blockfleet_core::snapshot::{Archive, Manifest, SnapshotError};
 use blockfleet_core::units::{chunk_count, SECTORS_PER_CHUNK};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 
 use crate::metrics::Metrics;
@@ -203,7 +203,7 @@ impl JobContext {
 
     /// Reads source chunk `c` as stored (`None`: a zero chunk): from a snapshot verified, from
     /// a volume as it was at the mark.
-    async fn source_chunk(&self, c: u64) -> Result<Option<Vec<u8>>, JobError> {
+    async fn source_chunk(&self, c: u64) -> Result<Option<BytesMut>, JobError> {
         let data = match &self.source {
             Source::Snapshot { manifest, archive } => {
                 let Some(hash) = manifest.chunks.get(&c) else {
@@ -251,7 +251,11 @@ impl JobContext {
             }
         };
         self.metrics.source_chunks.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(data.to_vec()))
+        // Decrypted and encrypted in place: no copy when the buffer is ours alone.
+        Ok(Some(
+            data.try_into_mut()
+                .unwrap_or_else(|b| BytesMut::from(&b[..])),
+        ))
     }
 
     /// Hydrates chunk `c` of the targets `which` (indices into `targets`). A target deleted
@@ -269,18 +273,21 @@ impl JobContext {
                         x.decrypt_stored(&mut p, first_unit)
                             .map_err(|e| JobError::Fatal(e.to_string()))?;
                     }
-                    which
-                        .iter()
-                        .map(|&t| match &me.targets[t].xts {
-                            Some(x) => {
-                                let mut out = p.clone();
-                                x.encrypt(&mut out, first_unit)
-                                    .map_err(|e| JobError::Fatal(e.to_string()))?;
-                                Ok(Bytes::from(out))
-                            }
-                            None => Ok(Bytes::from(p.clone())),
-                        })
-                        .collect::<Result<Vec<_>, JobError>>()
+                    // Every target but the last gets a copy; the last takes the buffer itself.
+                    let mut out = Vec::with_capacity(which.len());
+                    for (i, &t) in which.iter().enumerate() {
+                        let mut buf = if i + 1 == which.len() {
+                            std::mem::take(&mut p)
+                        } else {
+                            p.clone()
+                        };
+                        if let Some(x) = &me.targets[t].xts {
+                            x.encrypt(&mut buf, first_unit)
+                                .map_err(|e| JobError::Fatal(e.to_string()))?;
+                        }
+                        out.push(buf.freeze());
+                    }
+                    Ok::<_, JobError>(out)
                 })
                 .await
                 .map_err(|e| JobError::Retry(e.to_string()))??
