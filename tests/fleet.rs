@@ -413,7 +413,7 @@ async fn worker_killed_mid_job_resumes_and_user_writes_survive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volume_copied_from_a_volume_at_the_moment_asked() {
     // Paced at 4 MiB/s so writes to the source land while the copy is still being read.
-    let f = Fleet::start(FleetOptions {
+    let mut f = Fleet::start(FleetOptions {
         background_mib_per_sec: 4,
         ..FleetOptions::default()
     });
@@ -505,5 +505,19 @@ async fn volume_copied_from_a_volume_at_the_moment_asked() {
         .await
         .unwrap_err();
     assert_eq!(both.code(), Some("InvalidParameterCombination"), "{both}");
+    assert_eq!(f.cp.describe_volumes(&[]).await.unwrap().len(), before);
+
+    // The KMS gone: retried, then a clear failure, and nothing made.
+    f.kill_kms();
+    f.fails(
+        &[
+            "volume",
+            "create",
+            "--from-volume",
+            a.as_str(),
+            "--encrypted",
+        ],
+        "KmsUnavailable",
+    );
     assert_eq!(f.cp.describe_volumes(&[]).await.unwrap().len(), before);
 }

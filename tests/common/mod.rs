@@ -82,7 +82,7 @@ pub struct Fleet {
     pub config: PathBuf,
     /// First to go at drop, so no job attempt sees its block servers vanish.
     pub transform: Option<Proc>,
-    _kms: Proc,
+    kms_proc: Option<Proc>,
     _block_servers: Vec<Proc>,
     _control_plane: Proc,
     pub kms_endpoint: String,
@@ -180,7 +180,7 @@ secret_access_key = "host-secret-0123"
         let control_plane = spawn(&config, &["control-plane"]);
         let mut f = Fleet {
             config,
-            _kms: kms_proc,
+            kms_proc: Some(kms_proc),
             _block_servers: block_servers,
             cp: ControlPlaneClient::new(&format!("http://{}", control_plane.addr)),
             _control_plane: control_plane,
@@ -191,6 +191,11 @@ secret_access_key = "host-secret-0123"
         };
         f.start_transform();
         f
+    }
+
+    /// kill -9 of the KMS.
+    pub fn kill_kms(&mut self) {
+        self.kms_proc.take();
     }
 
     pub fn start_transform(&mut self) {
