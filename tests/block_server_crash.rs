@@ -5,36 +5,29 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use blockfleet_core::blockproto::BlockClient;
 use blockfleet_core::ids::VolumeId;
 use bytes::Bytes;
+use common::Proc;
 
 const SECTOR: u64 = 4096;
 const CHUNK: u64 = 512 * 1024;
 const VOLUME: u64 = 8 * CHUNK;
 const UNITS: u64 = VOLUME / SECTOR;
 
-/// Starts the server on a free port and returns it with its address.
-fn start(dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_blockfleet"))
-        .args(["block-server", "--listen", "127.0.0.1:0", "--data-dir"])
+/// Starts the server on a free port.
+fn start(dir: &std::path::Path) -> Proc {
+    let mut cmd = common::bin();
+    cmd.args(["block-server", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(addr.starts_with("127.0.0.1:"), "{line:?}");
-    (child, addr)
+        .stderr(Stdio::null());
+    common::start_line(cmd)
 }
 
 /// Unit content: the unit number, the write's tag, and filler derived from both, so a torn
@@ -77,8 +70,8 @@ async fn kill_9_never_loses_an_acknowledged_flushed_write() {
     let cycles = 24;
     let mut total_acked = 0;
     for cycle in 0..cycles {
-        let (mut child, addr) = start(&data_dir);
-        let client = BlockClient::connect(&addr).await.unwrap();
+        let mut server = start(&data_dir);
+        let client = BlockClient::connect(&server.addr).await.unwrap();
         if cycle == 0 {
             client.create_volume(&volume, VOLUME, false).await.unwrap();
             client.flush(&volume).await.unwrap();
@@ -122,8 +115,8 @@ async fn kill_9_never_loses_an_acknowledged_flushed_write() {
         let kill_after = Duration::from_millis(30 + next() % 250);
         let killer = std::thread::spawn(move || {
             std::thread::sleep(kill_after);
-            child.kill().unwrap();
-            child.wait().unwrap();
+            server.child.kill().unwrap();
+            server.child.wait().unwrap();
         });
         loop {
             let units = 1 + next() % 8;

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
 
+mod common;
+
 use blockfleet::kms_server;
 use blockfleet_core::config::{KmsClientConfig, KmsPrincipal, KmsRole, KmsServerConfig, Secret};
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
@@ -394,7 +396,6 @@ fn kms_refuses_a_readable_root_key_file() {
 /// message), serves the volume over NBD under the grant, refuses an unknown volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_needs_a_grant_and_serves_nbd() {
-    use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
     let f = start().await;
@@ -402,26 +403,18 @@ async fn attach_needs_a_grant_and_serves_nbd() {
     let key: KmsKeyId = cp.create_key("volumes").await.unwrap().parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spawn_line = |args: Vec<String>| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_blockfleet"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        (child, line)
+        let mut cmd = common::bin();
+        cmd.args(args).stderr(Stdio::piped());
+        common::start_line(cmd)
     };
-    let (mut bs, line) = spawn_line(vec![
+    let bs = spawn_line(vec![
         "block-server".into(),
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--data-dir".into(),
         dir.path().join("bs").display().to_string(),
     ]);
-    let bs_addr = line.trim().rsplit(' ').next().unwrap().to_owned();
+    let bs_addr = bs.addr.clone();
     let v = VolumeId::generate();
     let bc = blockfleet_core::blockproto::BlockClient::connect(&bs_addr)
         .await
@@ -472,9 +465,8 @@ async fn attach_needs_a_grant_and_serves_nbd() {
     let err = String::from_utf8_lossy(&unknown.stderr);
     assert!(err.contains(&format!("cannot open {other}")), "{err}");
 
-    let (mut agent, line) = spawn_line(attach(&v, &wrapped));
-    let addr = line.split_whitespace().nth(4).unwrap().to_owned();
-    let uri = format!("nbd://{addr}/{v}");
+    let agent = spawn_line(attach(&v, &wrapped));
+    let uri = format!("nbd://{}/{v}", agent.addr);
     let out = tokio::task::spawn_blocking(move || {
         Command::new("qemu-io")
             .args([
@@ -501,8 +493,6 @@ async fn attach_needs_a_grant_and_serves_nbd() {
     // The block server got ciphertext.
     let raw = bc.read(&v, 4096, 8192).await.unwrap();
     assert!(!raw.iter().all(|&b| b == 0x77));
-    agent.kill().unwrap();
-    agent.wait().unwrap();
-    bs.kill().unwrap();
-    bs.wait().unwrap();
+    drop(agent);
+    drop(bs);
 }

@@ -30,16 +30,9 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_blockfleet"))
 }
 
-/// Starts a service and reads the address from its one stdout line.
-pub fn spawn(config: &Path, args: &[&str]) -> Proc {
-    let mut child = bin()
-        .arg("-c")
-        .arg(config)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+/// Starts `cmd` and reads the address from its first stdout line (`... listening on ADDR`).
+pub fn start_line(mut cmd: Command) -> Proc {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -47,12 +40,22 @@ pub fn spawn(config: &Path, args: &[&str]) -> Proc {
     let addr = line
         .split(" listening on ")
         .nth(1)
-        .unwrap_or_else(|| panic!("{args:?} printed {line:?}"))
+        .unwrap_or_else(|| panic!("{cmd:?} printed {line:?}"))
         .split_whitespace()
         .next()
         .unwrap()
         .to_owned();
     Proc { child, addr }
+}
+
+/// Starts a service with `config` and waits for its address.
+pub fn spawn(config: &Path, args: &[&str]) -> Proc {
+    let mut cmd = bin();
+    cmd.arg("-c")
+        .arg(config)
+        .args(args)
+        .stderr(Stdio::inherit());
+    start_line(cmd)
 }
 
 /// What differs between the fleets tests and benches start.
