@@ -157,10 +157,45 @@ pub enum SnapshotCommand {
         #[arg(long)]
         force: bool,
     },
-    /// List snapshots.
+    /// List snapshots (every manifest in the store).
     Ls,
     /// Describe one snapshot.
     Show { snapshot_id: String },
+    /// Snapshot every volume attached to an instance, crash-consistent across them (through
+    /// the control plane); prints the snapshot set.
+    Create {
+        #[arg(long)]
+        instance: String,
+        /// Leave out the instance's boot volume.
+        #[arg(long)]
+        exclude_boot: bool,
+        /// Leave out this volume (repeatable).
+        #[arg(long = "exclude", value_name = "VOLUME_ID")]
+        exclude: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A tag, KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Copy each volume's tags to its snapshot.
+        #[arg(long)]
+        copy_tags: bool,
+        /// Makes a retried call return the same set instead of a second one.
+        #[arg(long)]
+        client_token: Option<String>,
+        /// Wait until the set is completed (or failed), with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Describe a snapshot set made by `snapshot create`.
+    Set { set_id: String },
+    /// Delete a snapshot: its manifest and every chunk no other snapshot uses.
+    Rm { snapshot_id: String },
+    /// Blocks (512 KiB chunks) that differ between two snapshots (or, with one, that hold data).
+    Diff {
+        first: String,
+        second: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,6 +220,9 @@ pub enum VolumeCommand {
         /// Create this many volumes from the one source.
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// A tag, KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
         /// Wait for hydration to finish, with a progress bar.
         #[arg(long)]
         wait: bool,

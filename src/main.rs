@@ -45,7 +45,10 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
     match cli.command {
-        Command::Snapshot(cmd) => snapshot_cmd::run(&config, cli.output, cmd).await,
+        Command::Snapshot(cmd) => {
+            let url = control_plane_url(&cli.control_plane, &config);
+            snapshot_cmd::run(&config, &url, cli.output, cmd).await
+        }
         Command::Demo { size_mib } => demo::run(&config, cli.output, size_mib).await,
         Command::Attach {
             block_server,

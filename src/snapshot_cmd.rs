@@ -1,10 +1,18 @@
-//! `blockfleet snapshot import|export|ls|show`.
+//! `blockfleet snapshot import|export|ls|show` (the store directly) and
+//! `snapshot create|set|rm|diff` (through the control plane).
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use blockfleet_core::api::{
+    ControlPlaneClient, CreateSnapshotsRequest, ListChangedBlocksRequest, SnapshotSet,
+    SnapshotState,
+};
 use blockfleet_core::config::Config;
 use blockfleet_core::ids::SnapshotId;
 use blockfleet_core::snapshot::{Archive, Manifest};
-use blockfleet_snapshot_service::{export_image, import_image, ExportOptions, ImportOptions};
+use blockfleet_core::units::CHUNK;
+use blockfleet_snapshot_service::{
+    export_image, import_image, ExportOptions, ImportOptions, Progress,
+};
 use serde::Serialize;
 
 use crate::cli::{Output, SnapshotCommand};
@@ -55,7 +63,69 @@ impl From<&Manifest> for Summary {
     }
 }
 
-pub async fn run(config: &Config, output: Output, cmd: SnapshotCommand) -> anyhow::Result<()> {
+/// Polls a set until it is no longer pending, drawing one bar over its chunks.
+async fn wait_set(
+    cp: &ControlPlaneClient,
+    output: Output,
+    set_id: &str,
+) -> anyhow::Result<SnapshotSet> {
+    let bar = Bar::new(output, "uploading");
+    let mut started = false;
+    let mut shown = 0u64;
+    loop {
+        let set = cp.describe_snapshot_set(set_id).await?;
+        let total: u64 = set.snapshots.iter().filter_map(|s| s.changed_chunks).sum();
+        let done: u64 = set.snapshots.iter().map(|s| s.done_chunks).sum();
+        let known = set.snapshots.iter().all(|s| s.changed_chunks.is_some());
+        if known && !started {
+            bar.start(total * CHUNK);
+            started = true;
+        }
+        if started {
+            bar.advance((done * CHUNK).saturating_sub(shown));
+            shown = shown.max(done * CHUNK);
+        }
+        if set.state != SnapshotState::Pending {
+            bar.finish();
+            return Ok(set);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn set_table(set: &SnapshotSet) -> String {
+    let mut out = format!(
+        "{}  {}  {:?}  pause {} us{}\nSNAPSHOT                VOLUME                 STATE      CHANGED  UPLOADED  PARENT",
+        set.set_id,
+        set.instance_id,
+        set.state,
+        set.pause_window_us,
+        set.error
+            .as_ref()
+            .map(|e| format!("  error: {e}"))
+            .unwrap_or_default()
+    );
+    for s in &set.snapshots {
+        out.push_str(&format!(
+            "\n{:<23} {:<22} {:<10} {:>7} {:>9}  {}",
+            s.snapshot_id,
+            s.volume_id,
+            format!("{:?}", s.state).to_lowercase(),
+            s.changed_chunks.map_or("-".into(), |c| c.to_string()),
+            s.uploaded_chunks,
+            s.parent.as_ref().map_or("-".into(), ToString::to_string)
+        ));
+    }
+    out
+}
+
+pub async fn run(
+    config: &Config,
+    url: &str,
+    output: Output,
+    cmd: SnapshotCommand,
+) -> anyhow::Result<()> {
+    let cp = ControlPlaneClient::new(url);
     // Parse ids before touching the store: bad input changes nothing.
     match cmd {
         SnapshotCommand::Import {
@@ -199,6 +269,78 @@ pub async fn run(config: &Config, output: Output, cmd: SnapshotCommand) -> anyho
                     summary.description,
                     m.encryption.as_ref().map_or("none".to_owned(), |e| format!("{} under {}", e.cipher, e.kms_key_id)),
                 )
+            })
+        }
+        SnapshotCommand::Create {
+            instance,
+            exclude_boot,
+            exclude,
+            description,
+            tags,
+            copy_tags,
+            client_token,
+            wait,
+        } => {
+            let req = CreateSnapshotsRequest {
+                instance_id: instance.parse()?,
+                exclude_boot_volume: exclude_boot,
+                exclude_volume_ids: exclude
+                    .iter()
+                    .map(|v| v.parse())
+                    .collect::<Result<_, _>>()?,
+                description,
+                tags: crate::volume_cmd::parse_tags(&tags)?,
+                copy_tags_from_source: copy_tags,
+                client_token,
+            };
+            let mut set = cp.create_snapshots(&req).await?;
+            if wait {
+                set = wait_set(&cp, output, &set.set_id).await?;
+                if set.state == SnapshotState::Error {
+                    emit(output, &set, || set_table(&set))?;
+                    bail!(
+                        "snapshot set {} failed: {}",
+                        set.set_id,
+                        set.error.clone().unwrap_or_default()
+                    );
+                }
+            }
+            emit(output, &set, || set_table(&set))
+        }
+        SnapshotCommand::Set { set_id } => {
+            let set = cp.describe_snapshot_set(&set_id).await?;
+            emit(output, &set, || set_table(&set))
+        }
+        SnapshotCommand::Rm { snapshot_id } => {
+            let id = parse_id(&snapshot_id)?;
+            cp.delete_snapshot(&id).await?;
+            emit(
+                output,
+                &serde_json::json!({ "deleted": snapshot_id }),
+                || format!("deleted {snapshot_id}"),
+            )
+        }
+        SnapshotCommand::Diff { first, second } => {
+            let (first, second) = match second {
+                Some(s) => (Some(parse_id(&first)?), parse_id(&s)?),
+                None => (None, parse_id(&first)?),
+            };
+            let req = ListChangedBlocksRequest {
+                first_snapshot_id: first,
+                second_snapshot_id: second,
+            };
+            let d = cp.list_changed_blocks(&req).await?;
+            emit(output, &d, || {
+                let mut out = format!(
+                    "{} of {} blocks of {} bytes differ",
+                    d.blocks.len(),
+                    d.volume_size.div_ceil(d.block_size),
+                    d.block_size
+                );
+                for b in &d.blocks {
+                    out.push_str(&format!("\n{b}"));
+                }
+                out
             })
         }
     }

@@ -105,6 +105,16 @@ async fn wait_hydrated(
     }
 }
 
+/// `KEY=VALUE` arguments as a tag map.
+pub fn parse_tags(args: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    args.iter()
+        .map(|a| match a.split_once('=') {
+            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+            None => bail!("tag {a:?}: give KEY=VALUE"),
+        })
+        .collect()
+}
+
 pub async fn run(url: &str, output: Output, cmd: VolumeCommand) -> anyhow::Result<()> {
     let cp = ControlPlaneClient::new(url);
     match cmd {
@@ -115,6 +125,7 @@ pub async fn run(url: &str, output: Output, cmd: VolumeCommand) -> anyhow::Resul
             encrypted,
             kms_key,
             count,
+            tags,
             wait,
         } => {
             let req = CreateVolumeRequest {
@@ -124,6 +135,7 @@ pub async fn run(url: &str, output: Output, cmd: VolumeCommand) -> anyhow::Resul
                 encrypted,
                 kms_key_id: kms_key.as_deref().map(str::parse).transpose()?,
                 count: Some(count),
+                tags: parse_tags(&tags)?,
             };
             let mut vols = cp.create_volume(&req).await?;
             if wait && vols.iter().any(|v| v.hydration.is_some()) {

@@ -4,6 +4,7 @@
 //! Every call is `POST /v1/<Action>` with a JSON body; errors are
 //! `{"error": {"code", "message"}}` (see [`crate::httpjson`]).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,24 @@ pub struct CreateVolumeRequest {
     /// Volumes to create from the one source (1 to 64); they share one hydration job.
     #[serde(default)]
     pub count: Option<u32>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// At most 50 tags, keys 1-128 characters, values at most 256 (AWS's limits).
+pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), String> {
+    if tags.len() > 50 {
+        return Err(format!("{} tags: at most 50", tags.len()));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.chars().count() > 128 {
+            return Err(format!("tag key {k:?}: 1 to 128 characters"));
+        }
+        if v.chars().count() > 256 {
+            return Err(format!("tag {k:?}: value longer than 256 characters"));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +110,8 @@ pub struct Volume {
     /// of chunks it did not fill fail rather than return wrong data.
     pub status: String,
     pub impaired_reason: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,6 +187,118 @@ pub struct AttachInfo {
     pub attachment: Attachment,
     /// Transform workers that fetch unhydrated chunks on demand (empty: none needed).
     pub fetch_endpoints: Vec<String>,
+}
+
+// ---- snapshots (the coordinator) ----
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotsRequest {
+    pub instance_id: InstanceId,
+    #[serde(default)]
+    pub exclude_boot_volume: bool,
+    #[serde(default)]
+    pub exclude_volume_ids: Vec<VolumeId>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Adds each volume's tags to its snapshot (the request's tags win on a clash).
+    #[serde(default)]
+    pub copy_tags_from_source: bool,
+    /// A repeated call with the same token and arguments returns the same set.
+    #[serde(default)]
+    pub client_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotState {
+    Pending,
+    Completed,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub snapshot_id: SnapshotId,
+    pub set_id: String,
+    pub volume_id: VolumeId,
+    pub volume_size: u64,
+    pub state: SnapshotState,
+    /// The volume's previous snapshot this one was taken incrementally from.
+    pub parent: Option<SnapshotId>,
+    /// Chunks changed since the parent (all written chunks without one).
+    pub changed_chunks: Option<u64>,
+    /// Of those, chunks read and stored so far.
+    pub done_chunks: u64,
+    /// Chunks actually uploaded (not already in the store, not zero).
+    pub uploaded_chunks: u64,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    pub created_at: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSet {
+    pub set_id: String,
+    pub instance_id: InstanceId,
+    pub state: SnapshotState,
+    pub snapshots: Vec<Snapshot>,
+    /// From the first Pause sent to the last Resume acknowledged.
+    pub pause_window_us: u64,
+    pub created_at: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescribeSnapshotsRequest {
+    #[serde(default)]
+    pub snapshot_ids: Vec<SnapshotId>,
+    #[serde(default)]
+    pub volume_id: Option<VolumeId>,
+    #[serde(default)]
+    pub set_id: Option<String>,
+    #[serde(default)]
+    pub state: Option<SnapshotState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotsReply {
+    pub snapshots: Vec<Snapshot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotIdRequest {
+    pub snapshot_id: SnapshotId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescribeSnapshotSetRequest {
+    pub set_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListChangedBlocksRequest {
+    /// Absent: every non-zero block of the second snapshot.
+    #[serde(default)]
+    pub first_snapshot_id: Option<SnapshotId>,
+    pub second_snapshot_id: SnapshotId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedBlocks {
+    pub block_size: u64,
+    pub volume_size: u64,
+    /// Block indexes whose content differs, ascending.
+    pub blocks: Vec<u64>,
 }
 
 // ---- the transform fleet's side (`/v1/internal/...`) ----
@@ -332,6 +465,43 @@ impl ControlPlaneClient {
             )
             .await?;
         Ok(())
+    }
+
+    pub async fn create_snapshots(
+        &self,
+        req: &CreateSnapshotsRequest,
+    ) -> Result<SnapshotSet, HttpError> {
+        self.http.post("/v1/CreateSnapshots", req).await
+    }
+
+    pub async fn describe_snapshot_set(&self, set_id: &str) -> Result<SnapshotSet, HttpError> {
+        let req = DescribeSnapshotSetRequest {
+            set_id: set_id.to_owned(),
+        };
+        self.http.post("/v1/DescribeSnapshotSet", &req).await
+    }
+
+    pub async fn describe_snapshots(
+        &self,
+        req: &DescribeSnapshotsRequest,
+    ) -> Result<Vec<Snapshot>, HttpError> {
+        let r: SnapshotsReply = self.http.post("/v1/DescribeSnapshots", req).await?;
+        Ok(r.snapshots)
+    }
+
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), HttpError> {
+        let req = SnapshotIdRequest {
+            snapshot_id: id.clone(),
+        };
+        let _: serde_json::Value = self.http.post("/v1/DeleteSnapshot", &req).await?;
+        Ok(())
+    }
+
+    pub async fn list_changed_blocks(
+        &self,
+        req: &ListChangedBlocksRequest,
+    ) -> Result<ChangedBlocks, HttpError> {
+        self.http.post("/v1/ListChangedBlocks", req).await
     }
 
     pub async fn describe_instances(&self, ids: &[InstanceId]) -> Result<Vec<Instance>, HttpError> {

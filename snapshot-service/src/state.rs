@@ -1,11 +1,13 @@
-//! The control plane's durable state in sled: volumes, hydration jobs, fleet settings.
+//! The control plane's durable state in sled: volumes, hydration jobs, fleet settings,
+//! snapshot sets and their snapshots, client tokens, and the chunks each set uploaded.
 //! Records are JSON (readable with any sled dump, versioned by serde defaults); every
 //! mutation flushes before the API answers, so an acknowledged change survives a crash.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use blockfleet_core::api::{Attachment, HydrationState, JobSource, VolumeState};
-use blockfleet_core::ids::{SnapshotId, VolumeId};
+use blockfleet_core::api::{Attachment, HydrationState, JobSource, SnapshotState, VolumeState};
+use blockfleet_core::ids::{InstanceId, SnapshotId, VolumeId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -41,6 +43,47 @@ pub struct VolumeRecord {
     pub attachment: Option<AttachmentRecord>,
     pub created_at: u64,
     pub impaired_reason: Option<String>,
+    /// The last completed snapshot and the mark it was cut at: the base of the next one.
+    #[serde(default)]
+    pub last_snapshot: Option<(SnapshotId, u64)>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// One CreateSnapshots call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetRecord {
+    pub id: String,
+    pub instance_id: InstanceId,
+    pub state: SnapshotState,
+    pub snapshots: Vec<SnapshotId>,
+    pub pause_window_us: u64,
+    pub created_at: u64,
+    pub error: Option<String>,
+    /// What the call asked, to tell a retry from a different call under the same token.
+    pub request: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub set_id: String,
+    pub volume_id: VolumeId,
+    pub volume_size: u64,
+    /// Where and at which mark the volume was cut.
+    pub block_server: String,
+    pub mark: u64,
+    /// The previous snapshot and its mark: only chunks changed since are read.
+    pub base: Option<(SnapshotId, u64)>,
+    pub state: SnapshotState,
+    pub kms_key_id: Option<String>,
+    pub wrapped_key: Option<String>,
+    pub description: String,
+    pub tags: BTreeMap<String, String>,
+    pub created_at: u64,
+    pub changed_chunks: Option<u64>,
+    pub uploaded_chunks: u64,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +112,12 @@ pub struct State {
     volumes: sled::Tree,
     jobs: sled::Tree,
     settings: sled::Tree,
+    sets: sled::Tree,
+    snapshots: sled::Tree,
+    tokens: sled::Tree,
+    /// `<set id>/<chunk hash>` for each chunk a set put in the store: what to delete if the
+    /// set fails (unless another manifest took it meanwhile).
+    uploads: sled::Tree,
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StateError> {
@@ -81,6 +130,11 @@ fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, S
                 reason: e.to_string(),
             }),
     }
+}
+
+fn put<T: Serialize>(tree: &sled::Tree, key: &str, v: &T) -> Result<(), StateError> {
+    tree.insert(key, serde_json::to_vec(v).unwrap_or_default())?;
+    Ok(())
 }
 
 fn all<T: DeserializeOwned>(tree: &sled::Tree) -> Result<Vec<T>, StateError> {
@@ -102,6 +156,10 @@ impl State {
             volumes: db.open_tree("volumes")?,
             jobs: db.open_tree("jobs")?,
             settings: db.open_tree("settings")?,
+            sets: db.open_tree("sets")?,
+            snapshots: db.open_tree("snapshots")?,
+            tokens: db.open_tree("tokens")?,
+            uploads: db.open_tree("uploads")?,
             db,
         })
     }
@@ -147,6 +205,66 @@ impl State {
 
     pub fn remove_job(&self, id: &str) -> Result<(), StateError> {
         self.jobs.remove(id)?;
+        Ok(())
+    }
+
+    pub fn set(&self, id: &str) -> Result<Option<SetRecord>, StateError> {
+        get(&self.sets, id)
+    }
+
+    pub fn sets(&self) -> Result<Vec<SetRecord>, StateError> {
+        all(&self.sets)
+    }
+
+    pub fn put_set(&self, r: &SetRecord) -> Result<(), StateError> {
+        put(&self.sets, &r.id, r)
+    }
+
+    pub fn snapshot(&self, id: &SnapshotId) -> Result<Option<SnapshotRecord>, StateError> {
+        get(&self.snapshots, id.as_str())
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StateError> {
+        all(&self.snapshots)
+    }
+
+    pub fn put_snapshot(&self, r: &SnapshotRecord) -> Result<(), StateError> {
+        put(&self.snapshots, r.id.as_str(), r)
+    }
+
+    pub fn remove_snapshot(&self, id: &SnapshotId) -> Result<(), StateError> {
+        self.snapshots.remove(id.as_str())?;
+        Ok(())
+    }
+
+    /// The set a client token made, if any.
+    pub fn token(&self, token: &str) -> Result<Option<String>, StateError> {
+        get(&self.tokens, token)
+    }
+
+    pub fn put_token(&self, token: &str, set_id: &str) -> Result<(), StateError> {
+        put(&self.tokens, token, &set_id)
+    }
+
+    pub fn record_upload(&self, set_id: &str, hash: &str) -> Result<(), StateError> {
+        self.uploads.insert(format!("{set_id}/{hash}"), &[])?;
+        Ok(())
+    }
+
+    /// Chunk hashes (hex) set `set_id` put in the store.
+    pub fn uploads(&self, set_id: &str) -> Result<Vec<String>, StateError> {
+        let prefix = format!("{set_id}/");
+        self.uploads
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?[prefix.len()..]).into_owned()))
+            .collect()
+    }
+
+    pub fn forget_uploads(&self, set_id: &str) -> Result<(), StateError> {
+        for k in self.uploads.scan_prefix(format!("{set_id}/")).keys() {
+            self.uploads.remove(k?)?;
+        }
         Ok(())
     }
 

@@ -31,6 +31,9 @@ pub struct ControlPlaneConfig {
     /// The control plane's own KMS principal (role `control_plane`); `[kms]` if absent.
     #[serde(default)]
     pub kms: Option<KmsClientConfig>,
+    /// Prometheus `GET /metrics` (the coordinator's pause windows and sets); off if absent.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_cp_listen() -> String {
@@ -62,6 +65,7 @@ impl Default for ControlPlaneConfig {
             job_lease_ms: default_lease_ms(),
             job_max_attempts: default_max_attempts(),
             kms: None,
+            metrics_listen: None,
         }
     }
 }

@@ -90,6 +90,23 @@ impl Archive {
         Manifest::decode(&bytes, &self.key, id)
     }
 
+    /// Removes a snapshot's manifest (its chunks stay: other manifests may share them). Gone
+    /// already is not an error.
+    pub async fn delete_manifest(&self, id: &SnapshotId) -> Result<(), SnapshotError> {
+        match self.store.delete(&manifest_key(id)).await {
+            Err(e) if !e.is_not_found() => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes a chunk object. Callers make sure no manifest references it.
+    pub async fn delete_chunk(&self, hash: &ChunkHash) -> Result<(), SnapshotError> {
+        match self.store.delete(&hash.key()).await {
+            Err(e) if !e.is_not_found() => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// Ids of the snapshots with a manifest, sorted. Keys that are not snapshot manifests are
     /// ignored (a bucket may hold other things).
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotId>, SnapshotError> {

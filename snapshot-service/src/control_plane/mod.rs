@@ -5,14 +5,20 @@
 //! - [`volumes`]: CreateVolume, DescribeVolumes, DeleteVolume, AttachVolume, DetachVolume,
 //!   DescribeInstances.
 //! - [`jobs`]: the transform fleet's side: ClaimJob, ReportJob, JobForVolume, AttachInfo.
+//! - [`snapshots`]: CreateSnapshots, DescribeSnapshotSet, DescribeSnapshots, DeleteSnapshot,
+//!   ListChangedBlocks.
+//! - [`coordinator`]: the cut across a set's volumes, their uploads, failure cleanup and
+//!   chunk garbage collection.
 //!
 //! The control plane holds wrapped data keys only: it asks the KMS for
 //! GenerateDataKeyWithoutPlaintext and grants, never for Decrypt (the KMS policy denies it).
 
+mod coordinator;
 mod jobs;
+mod snapshots;
 mod volumes;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,8 +26,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use blockfleet_core::blockproto::{BlockPool, ClientError};
 use blockfleet_core::config::{ControlPlaneConfig, KmsClientConfig};
 use blockfleet_core::httpjson::{self, ApiError, Reply};
+use blockfleet_core::ids::SnapshotId;
 use blockfleet_core::kms::{Kms, KmsError};
-use blockfleet_core::snapshot::Archive;
+use blockfleet_core::metrics::OpMetrics;
+use blockfleet_core::snapshot::{Archive, ChunkHash};
 use bytes::Bytes;
 use hyper::Method;
 use thiserror::Error;
@@ -78,6 +86,15 @@ pub(crate) struct ControlPlane {
     changes: tokio::sync::Mutex<()>,
     /// Transform workers' fetch endpoints by worker name, with when each last reported.
     workers: Mutex<HashMap<String, (String, u64)>>,
+    /// Chunks each uploading snapshot set references but has not put in a manifest yet:
+    /// garbage collection never deletes them.
+    pending: Mutex<HashMap<String, HashSet<ChunkHash>>>,
+    /// Uploading snapshots: chunks done, and how many changed (once known).
+    progress: Mutex<HashMap<SnapshotId, (u64, Option<u64>)>>,
+    /// Shared by uploads checking whether the store has a chunk; exclusive for collection.
+    gc: tokio::sync::RwLock<()>,
+    /// `pause_window` (the cut's write hold) and `snapshot_set` (cut to completed or error).
+    metrics: OpMetrics<2>,
 }
 
 impl ControlPlane {
@@ -121,6 +138,11 @@ impl ControlPlane {
             "AttachVolume" => self.attach_volume(&body).await,
             "DetachVolume" => self.detach_volume(&body).await,
             "DescribeInstances" => self.describe_instances(&body),
+            "CreateSnapshots" => self.create_snapshots(&body).await,
+            "DescribeSnapshotSet" => self.describe_snapshot_set(&body),
+            "DescribeSnapshots" => self.describe_snapshots(&body),
+            "DeleteSnapshot" => self.delete_snapshot(&body).await,
+            "ListChangedBlocks" => self.list_changed_blocks(&body).await,
             "internal/AttachInfo" => self.attach_info(&body),
             "internal/ClaimJob" => self.claim_job(&body).await,
             "internal/ReportJob" => self.report_job(&body).await,
@@ -164,7 +186,27 @@ pub async fn run(
         blocks: BlockPool::new(),
         changes: tokio::sync::Mutex::new(()),
         workers: Mutex::new(HashMap::new()),
+        pending: Mutex::new(HashMap::new()),
+        progress: Mutex::new(HashMap::new()),
+        gc: tokio::sync::RwLock::new(()),
+        metrics: OpMetrics::new(["pause_window", "snapshot_set"]),
     });
+    if let Some(addr) = &cp.config.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ControlPlaneError::Config(format!("metrics_listen {addr}: {e}")))?;
+        let m = Arc::clone(&cp);
+        tokio::spawn(blockfleet_core::metrics::serve(
+            l,
+            Arc::new(move || {
+                let mut out = String::new();
+                m.metrics.render(&mut out, "blockfleet_coordinator");
+                out
+            }),
+        ));
+    }
+    cp.resume_pending_sets()
+        .map_err(|e| ControlPlaneError::Config(e.message))?;
     let handler_cp = Arc::clone(&cp);
     httpjson::serve(listener, shutdown, move |m, p, b| {
         Arc::clone(&handler_cp).route(m, p, b)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockfleet_core::api::{
-    AttachVolumeRequest, Attachment, CreateVolumeRequest, DescribeInstancesRequest,
+    validate_tags, AttachVolumeRequest, Attachment, CreateVolumeRequest, DescribeInstancesRequest,
     DescribeVolumesRequest, Hydration, HydrationState, Instance, InstanceVolume, JobSource, Volume,
     VolumeIdRequest, VolumeState,
 };
@@ -180,6 +180,7 @@ impl ControlPlane {
 
     pub(super) async fn create_volume(self: &Arc<Self>, body: &[u8]) -> Reply {
         let req: CreateVolumeRequest = parse(body)?;
+        validate_tags(&req.tags).map_err(|m| ApiError::bad_request("InvalidParameterValue", m))?;
         let count = req.count.unwrap_or(1);
         if !(1..=MAX_COUNT).contains(&count) {
             return Err(ApiError::bad_request(
@@ -310,6 +311,8 @@ impl ControlPlane {
                     attachment: None,
                     created_at: now_ms() / 1000,
                     impaired_reason: None,
+                    last_snapshot: None,
+                    tags: req.tags.clone(),
                 };
                 // Recorded before the block server hears of it: a crash in between leaves a
                 // visible `creating` volume, never an orphan extent nobody knows about.
@@ -415,6 +418,7 @@ impl ControlPlane {
                 "ok".into()
             },
             impaired_reason: v.impaired_reason.clone(),
+            tags: v.tags.clone(),
         })
     }
 
