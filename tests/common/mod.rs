@@ -86,11 +86,12 @@ pub struct Fleet {
     /// First to go at drop, so no job attempt sees its block servers vanish.
     pub transform: Option<Proc>,
     kms_proc: Option<Proc>,
-    _block_servers: Vec<Proc>,
-    _control_plane: Proc,
+    block_servers: Vec<Proc>,
+    control_plane: Proc,
     pub kms_endpoint: String,
     pub cp: ControlPlaneClient,
     transform_metrics: u16,
+    control_plane_metrics: u16,
 }
 
 impl Fleet {
@@ -98,6 +99,7 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let (kms, cp, tf, tfm) = (free_port(), free_port(), free_port(), free_port());
+        let cpm = free_port();
         let bs: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let servers = bs
             .iter()
@@ -114,6 +116,7 @@ manifest_key_file = "{d}/manifest.key"
 listen = "127.0.0.1:{cp}"
 data_dir = "{d}/cp"
 block_servers = [{servers}]
+metrics_listen = "127.0.0.1:{cpm}"
 job_lease_ms = 1000
 [control_plane.kms]
 endpoint = "http://127.0.0.1:{kms}"
@@ -184,16 +187,35 @@ secret_access_key = "host-secret-0123"
         let mut f = Fleet {
             config,
             kms_proc: Some(kms_proc),
-            _block_servers: block_servers,
+            block_servers,
             cp: ControlPlaneClient::new(&format!("http://{}", control_plane.addr)),
-            _control_plane: control_plane,
+            control_plane,
             transform: None,
             kms_endpoint: format!("http://127.0.0.1:{kms}"),
             transform_metrics: tfm,
+            control_plane_metrics: cpm,
             dir,
         };
         f.start_transform();
         f
+    }
+
+    /// kill -9 of the control plane, then a new one on the same address and state.
+    pub fn restart_control_plane(&mut self) {
+        self.control_plane.child.kill().unwrap();
+        self.control_plane.child.wait().unwrap();
+        self.control_plane = spawn(&self.config, &["control-plane"]);
+    }
+
+    /// kill -9 of block server `i`.
+    pub fn kill_block_server(&mut self, i: usize) {
+        let p = &mut self.block_servers[i];
+        p.child.kill().unwrap();
+        p.child.wait().unwrap();
+    }
+
+    pub fn block_server_addr(&self, i: usize) -> &str {
+        &self.block_servers[i].addr
     }
 
     /// kill -9 of the KMS.
@@ -265,20 +287,28 @@ secret_access_key = "host-secret-0123"
         )
     }
 
+    /// A transform worker metric.
     pub fn metric(&self, name: &str) -> u64 {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                &format!("http://127.0.0.1:{}/metrics", self.transform_metrics),
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no metric {name}"))
-            .trim()
-            .parse()
-            .unwrap()
+        scrape(self.transform_metrics, name)
     }
+
+    /// A control plane (coordinator) metric; `name` may carry labels.
+    pub fn control_plane_metric(&self, name: &str) -> u64 {
+        scrape(self.control_plane_metrics, name)
+    }
+}
+
+/// One value from a Prometheus text endpoint on 127.0.0.1.
+pub fn scrape(port: u16, name: &str) -> u64 {
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .trim()
+        .parse()
+        .unwrap()
 }

@@ -81,6 +81,7 @@ impl ControlPlane {
         let mut failure: Option<ApiError> = None;
         for ((v, (addr, _)), r) in vols.iter().zip(&clients).zip(&paused) {
             if let Err(e) = r {
+                self.blocks.forget_if_broken(addr, e);
                 failure.get_or_insert_with(|| cut_error(v, addr, e));
             }
         }
@@ -143,16 +144,28 @@ impl ControlPlane {
         let results =
             futures::future::join_all(snaps.iter().map(|s| self.upload_snapshot(set_id, s))).await;
         let outcome = match results.into_iter().collect::<Result<Vec<_>, String>>() {
-            Ok(done) => self.complete_set(set_id, done).await,
+            Ok(done) => self.write_manifests(&done).await.map(|()| done),
             Err(reason) => Err(reason),
         };
-        let ok = outcome.is_ok();
-        if let Err(reason) = outcome {
-            self.fail_set(set_id, &reason).await;
-        }
+        // Released before the set shows as finished, so a caller who sees it finished can
+        // cut again at once.
         for s in &snaps {
             self.release_mark(s).await;
         }
+        let ok = match outcome {
+            Ok(done) => match self.complete_set(set_id, done).await {
+                Ok(()) => true,
+                Err(e) => {
+                    // Left pending: the next start resumes it (and fails it, its marks gone).
+                    tracing::error!(set = set_id, error = %e, "could not record the completed set");
+                    false
+                }
+            },
+            Err(reason) => {
+                self.fail_set(set_id, &reason).await;
+                false
+            }
+        };
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -327,19 +340,23 @@ impl ControlPlane {
         }
     }
 
-    /// Writes every manifest, then marks the set and its snapshots completed and makes each
+    async fn write_manifests(&self, done: &[(Manifest, u64, u64)]) -> Result<(), String> {
+        for (m, _, _) in done {
+            self.archive
+                .put_manifest(m)
+                .await
+                .map_err(|e| format!("writing the manifest of {}: {e}", m.snapshot_id))?;
+        }
+        Ok(())
+    }
+
+    /// Marks the set and its snapshots completed (their manifests are written) and makes each
     /// the base of its volume's next snapshot.
     async fn complete_set(
         &self,
         set_id: &str,
         done: Vec<(Manifest, u64, u64)>,
     ) -> Result<(), String> {
-        for (m, _, _) in &done {
-            self.archive
-                .put_manifest(m)
-                .await
-                .map_err(|e| format!("writing the manifest of {}: {e}", m.snapshot_id))?;
-        }
         let _changes = self.changes.lock().await;
         let r = (|| {
             let mut set = self
