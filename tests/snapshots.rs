@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use blockfleet::host_agent::AgentVolume;
 use blockfleet_core::api::{
     AttachVolumeRequest, CreateSnapshotsRequest, CreateVolumeRequest, HydrationState, SnapshotSet,
-    SnapshotState, Volume,
+    SnapshotState,
 };
 use blockfleet_core::blockproto::BlockClient;
 use blockfleet_core::crypto::Xts;
@@ -39,59 +39,6 @@ async fn archive(f: &Fleet) -> Archive {
     .unwrap();
     let key = ManifestKey::load_or_create(&f.dir.path().join("manifest.key")).unwrap();
     Archive::new(store, Arc::new(key))
-}
-
-/// Creates `n` volumes (the first `encrypted` of them encrypted), attaches them to one new
-/// instance (the first as its boot volume) and opens each through the host agent's data path.
-async fn instance_with_volumes(
-    f: &Fleet,
-    n: usize,
-    encrypted: usize,
-    size: u64,
-) -> (InstanceId, Vec<Volume>, Vec<Arc<AgentVolume>>) {
-    let instance = InstanceId::generate();
-    let host_kms = f.kms("AKHOST", "host-secret-0123").await;
-    let mut vols = Vec::new();
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let v =
-            f.cp.create_volume(&CreateVolumeRequest {
-                size: Some(size),
-                encrypted: i < encrypted,
-                tags: BTreeMap::from([("disk".to_owned(), format!("d{i}"))]),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .remove(0);
-        f.cp.attach_volume(&AttachVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            instance_id: instance.clone(),
-            device: Some(format!("/dev/sd{}", (b'f' + i as u8) as char)),
-            boot: i == 0,
-            host: None,
-        })
-        .await
-        .unwrap();
-        let info = f.cp.attach_info(&v.volume_id).await.unwrap();
-        let xts = match &info.wrapped_key {
-            Some(w) => Some(Arc::new(Xts::new(
-                &host_kms
-                    .decrypt_key(&hex::decode(w).unwrap(), &v.volume_id)
-                    .await
-                    .unwrap(),
-            ))),
-            None => None,
-        };
-        let client = Arc::new(BlockClient::connect(&info.block_server).await.unwrap());
-        agents.push(Arc::new(
-            AgentVolume::open(client, v.volume_id.clone(), xts, None)
-                .await
-                .unwrap(),
-        ));
-        vols.push(v);
-    }
-    (instance, vols, agents)
 }
 
 /// A write's 4 KiB: magic, its sequence number, then filler derived from it.
@@ -180,7 +127,7 @@ async fn referenced_chunks(archive: &Archive) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_consistent_incremental_sets_under_dependent_writes() {
     let f = Fleet::start(FleetOptions::default());
-    let (instance, vols, agents) = instance_with_volumes(&f, 3, 2, VOLUME).await;
+    let (instance, vols, agents) = f.instance_with_volumes(3, 2, VOLUME).await;
     let units_per_volume = VOLUME / UNIT;
 
     // Write i goes to volume i % 3 at its own unit, issued only once write i-1 is
@@ -438,7 +385,7 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
 async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
     let mut f = Fleet::start(FleetOptions::default());
     // Three volumes, one per block server, each with 16 MiB of data.
-    let (instance, vols, agents) = instance_with_volumes(&f, 3, 3, 32 << 20).await;
+    let (instance, vols, agents) = f.instance_with_volumes(3, 3, 32 << 20).await;
     for (i, a) in agents.iter().enumerate() {
         for u in 0..(16 << 20) / UNIT {
             a.write(u * UNIT, UNIT, Some(&record(u * 7 + i as u64)), false)
@@ -552,7 +499,7 @@ async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_snapshots_bad_input_changes_nothing() {
     let f = Fleet::start(FleetOptions::default());
-    let (instance, vols, _agents) = instance_with_volumes(&f, 2, 1, VOLUME).await;
+    let (instance, vols, _agents) = f.instance_with_volumes(2, 1, VOLUME).await;
     let base = CreateSnapshotsRequest {
         instance_id: instance.clone(),
         exclude_boot_volume: false,

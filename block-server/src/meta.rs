@@ -130,6 +130,18 @@ impl Meta {
     }
 
     /// Writes a volume record durably.
+    /// Updates a volume's record in memory; it reaches disk with the next flush (a mark's
+    /// epoch: see `Volume::mark`).
+    pub fn put_volume_unsynced(
+        &self,
+        id: &VolumeId,
+        rec: &VolumeRecord,
+    ) -> Result<(), sled::Error> {
+        let v = serde_json::to_vec(rec).expect("volume record serializes");
+        self.volumes.insert(id.as_str(), v)?;
+        Ok(())
+    }
+
     pub fn put_volume(&self, id: &VolumeId, rec: &VolumeRecord) -> Result<(), sled::Error> {
         let v = serde_json::to_vec(rec).expect("volume record serializes");
         self.volumes.insert(id.as_str(), v)?;

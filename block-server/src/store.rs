@@ -313,7 +313,7 @@ impl Store {
                 let vol = self.volume(&volume)?;
                 let meta = &self.meta;
                 let id = vol
-                    .mark(|rec| meta.put_volume(&volume, &rec).map_err(meta_err))
+                    .mark(|rec| meta.put_volume_unsynced(&volume, &rec).map_err(meta_err))
                     .await?;
                 self.metrics.marks.fetch_add(1, Ordering::Relaxed);
                 Response::MarkId(id)

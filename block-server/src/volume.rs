@@ -573,7 +573,11 @@ impl Volume {
     }
 
     /// Records a cut. Paused or not, no write is in flight while the mark is taken. The new
-    /// mark id is durable (in sled, through `persist`) before it is returned.
+    /// mark id goes to sled through `persist` without an fsync (which would stretch the pause
+    /// window): it is durable with the next Flush, which the snapshot coordinator sends before
+    /// a snapshot completes. A crash before that loses the mark anyway (marks do not survive
+    /// a restart) and fails its snapshot; the unclean restart's `unclean_epoch` then makes the
+    /// next change list whole, so a reused mark id cannot hide a change.
     pub async fn mark(
         &self,
         persist: impl FnOnce(VolumeRecord) -> Result<(), OpError>,

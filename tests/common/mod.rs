@@ -8,8 +8,15 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use blockfleet_core::api::{ControlPlaneClient, Volume};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use blockfleet::host_agent::AgentVolume;
+use blockfleet_core::api::{AttachVolumeRequest, ControlPlaneClient, CreateVolumeRequest, Volume};
+use blockfleet_core::blockproto::BlockClient;
 use blockfleet_core::config::{KmsClientConfig, Secret};
+use blockfleet_core::crypto::Xts;
+use blockfleet_core::ids::InstanceId;
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::kms::Kms;
 use blockfleet_testkit::free_port;
@@ -198,6 +205,61 @@ secret_access_key = "host-secret-0123"
         };
         f.start_transform();
         f
+    }
+
+    /// Creates `n` volumes (the first `encrypted` of them encrypted), attaches them to one new
+    /// instance (the first as its boot volume) and opens each through the host agent's data path.
+    pub async fn instance_with_volumes(
+        &self,
+        n: usize,
+        encrypted: usize,
+        size: u64,
+    ) -> (InstanceId, Vec<Volume>, Vec<Arc<AgentVolume>>) {
+        let instance = InstanceId::generate();
+        let host_kms = self.kms("AKHOST", "host-secret-0123").await;
+        let mut vols = Vec::new();
+        let mut agents = Vec::new();
+        for i in 0..n {
+            let v = self
+                .cp
+                .create_volume(&CreateVolumeRequest {
+                    size: Some(size),
+                    encrypted: i < encrypted,
+                    tags: BTreeMap::from([("disk".to_owned(), format!("d{i}"))]),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .remove(0);
+            self.cp
+                .attach_volume(&AttachVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    instance_id: instance.clone(),
+                    device: Some(format!("/dev/sd{}", (b'f' + i as u8) as char)),
+                    boot: i == 0,
+                    host: None,
+                })
+                .await
+                .unwrap();
+            let info = self.cp.attach_info(&v.volume_id).await.unwrap();
+            let xts = match &info.wrapped_key {
+                Some(w) => Some(Arc::new(Xts::new(
+                    &host_kms
+                        .decrypt_key(&hex::decode(w).unwrap(), &v.volume_id)
+                        .await
+                        .unwrap(),
+                ))),
+                None => None,
+            };
+            let client = Arc::new(BlockClient::connect(&info.block_server).await.unwrap());
+            agents.push(Arc::new(
+                AgentVolume::open(client, v.volume_id.clone(), xts, None)
+                    .await
+                    .unwrap(),
+            ));
+            vols.push(v);
+        }
+        (instance, vols, agents)
     }
 
     /// kill -9 of the control plane, then a new one on the same address and state.

@@ -78,6 +78,7 @@ impl ControlPlane {
         let paused =
             futures::future::join_all(vols.iter().zip(&clients).map(|(v, (_, c))| c.pause(&v.id)))
                 .await;
+        let t_paused = start.elapsed();
         let mut failure: Option<ApiError> = None;
         for ((v, (addr, _)), r) in vols.iter().zip(&clients).zip(&paused) {
             if let Err(e) = r {
@@ -100,6 +101,7 @@ impl ControlPlane {
                 }
             }
         }
+        let t_marked = start.elapsed();
         // Resumed whatever happened: a paused volume stalls its instance.
         let resumed = futures::future::join_all(
             vols.iter()
@@ -110,6 +112,13 @@ impl ControlPlane {
         )
         .await;
         let window = start.elapsed();
+        tracing::debug!(
+            volumes = vols.len(),
+            paused_us = t_paused.as_micros() as u64,
+            marked_us = t_marked.as_micros() as u64,
+            resumed_us = window.as_micros() as u64,
+            "cut"
+        );
         if let Some(e) = resumed.iter().find_map(|r| r.as_ref().err()) {
             failure.get_or_insert_with(|| {
                 ApiError::unavailable("BlockServerUnavailable", format!("resume failed: {e}"))
@@ -144,7 +153,10 @@ impl ControlPlane {
         let results =
             futures::future::join_all(snaps.iter().map(|s| self.upload_snapshot(set_id, s))).await;
         let outcome = match results.into_iter().collect::<Result<Vec<_>, String>>() {
-            Ok(done) => self.write_manifests(&done).await.map(|()| done),
+            Ok(done) => match self.flush_sources(&snaps).await {
+                Ok(()) => self.write_manifests(&done).await.map(|()| done),
+                Err(e) => Err(e),
+            },
             Err(reason) => Err(reason),
         };
         // Released before the set shows as finished, so a caller who sees it finished can
@@ -338,6 +350,23 @@ impl ControlPlane {
         if total.is_some() {
             e.1 = total;
         }
+    }
+
+    /// Flushes each snapshotted volume: its mark's epoch (the base of its next incremental
+    /// snapshot) is durable on the block server before the snapshot completes.
+    async fn flush_sources(&self, snaps: &[SnapshotRecord]) -> Result<(), String> {
+        for s in snaps {
+            let c = self.blocks.get(&s.block_server).await.map_err(|e| {
+                format!(
+                    "volume {}: block server {}: {e}",
+                    s.volume_id, s.block_server
+                )
+            })?;
+            c.flush(&s.volume_id)
+                .await
+                .map_err(|e| format!("volume {}: flush: {e}", s.volume_id))?;
+        }
+        Ok(())
     }
 
     async fn write_manifests(&self, done: &[(Manifest, u64, u64)]) -> Result<(), String> {
