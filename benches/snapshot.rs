@@ -7,7 +7,8 @@
 //! - a snapshot of a 1 GiB volume of random data, full (the peer), then incremental with 1% of
 //!   its chunks changed: time from the call to `completed`.
 //!
-//! Set BENCH_SETS (default 40) for the pause-window sample size. Prints one
+//! Set BENCH_SETS (default 40) for the pause-window sample size, BENCH_WRITERS (default 4)
+//! for the writers per volume. Prints one
 //! `BENCH <name> <value> <unit>` line per figure.
 
 #![allow(clippy::unwrap_used)] // a bench that cannot set up should stop loudly
@@ -104,7 +105,11 @@ async fn pause_windows(f: &Fleet, sets: usize) {
     let (instance, vols, agents) = f.instance_with_volumes(8, 8, 64 << 20).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
-    let writers = start_writers(&agents, 4, &stop, &writes);
+    let per_volume: usize = std::env::var("BENCH_WRITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let writers = start_writers(&agents, per_volume, &stop, &writes);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let others: Vec<VolumeId> = vols[1..].iter().map(|v| v.volume_id.clone()).collect();
     for (n, exclude) in [(1, others), (8, vec![])] {

@@ -58,8 +58,8 @@ fn cut_error(
 }
 
 impl ControlPlane {
-    /// Pauses, marks and resumes every volume of `vols`; returns each one's mark and how long
-    /// writes were held. On any failure every mark taken is released and every pause resumed.
+    /// Pauses every volume of `vols`, then marks and resumes each; returns each one's mark and
+    /// how long writes were held (first Pause sent to last Resume acknowledged). On any failure every mark taken is released and every pause resumed.
     pub(super) async fn cut(
         &self,
         vols: &[VolumeRecord],
@@ -86,44 +86,50 @@ impl ControlPlane {
                 failure.get_or_insert_with(|| cut_error(v, addr, e));
             }
         }
-        let mut marks: Vec<Option<u64>> = vec![None; vols.len()];
-        if failure.is_none() {
-            let got = futures::future::join_all(
-                vols.iter().zip(&clients).map(|(v, (_, c))| c.mark(&v.id)),
-            )
-            .await;
-            for (i, r) in got.into_iter().enumerate() {
-                match r {
-                    Ok(m) => marks[i] = Some(m),
-                    Err(e) => {
-                        failure.get_or_insert_with(|| cut_error(&vols[i], &clients[i].0, &e));
-                    }
+        // Once every volume is paused, each is marked and resumed on its own: no write can
+        // be acknowledged anywhere between the last pause and its volume's mark, which is all
+        // consistency needs, and no volume waits for another's mark.
+        let all_paused = failure.is_none();
+        let steps = futures::future::join_all(vols.iter().zip(&clients).zip(&paused).map(
+            |((v, (_, c)), p)| async move {
+                if p.is_err() {
+                    return (None, Ok(()));
                 }
+                let mark = if all_paused {
+                    Some(c.mark(&v.id).await)
+                } else {
+                    None
+                };
+                // Resumed whatever happened: a paused volume stalls its instance.
+                (mark, c.resume(&v.id).await)
+            },
+        ))
+        .await;
+        let mut marks: Vec<Option<u64>> = vec![None; vols.len()];
+        for (i, (mark, resumed)) in steps.into_iter().enumerate() {
+            match mark {
+                Some(Ok(m)) => marks[i] = Some(m),
+                Some(Err(e)) => {
+                    failure.get_or_insert_with(|| cut_error(&vols[i], &clients[i].0, &e));
+                }
+                None => {}
+            }
+            if let Err(e) = resumed {
+                failure.get_or_insert_with(|| {
+                    ApiError::unavailable(
+                        "BlockServerUnavailable",
+                        format!("resume of {} failed: {e}", vols[i].id),
+                    )
+                });
             }
         }
-        let t_marked = start.elapsed();
-        // Resumed whatever happened: a paused volume stalls its instance.
-        let resumed = futures::future::join_all(
-            vols.iter()
-                .zip(&clients)
-                .zip(&paused)
-                .filter(|(_, p)| p.is_ok())
-                .map(|((v, (_, c)), _)| c.resume(&v.id)),
-        )
-        .await;
         let window = start.elapsed();
         tracing::debug!(
             volumes = vols.len(),
             paused_us = t_paused.as_micros() as u64,
-            marked_us = t_marked.as_micros() as u64,
             resumed_us = window.as_micros() as u64,
             "cut"
         );
-        if let Some(e) = resumed.iter().find_map(|r| r.as_ref().err()) {
-            failure.get_or_insert_with(|| {
-                ApiError::unavailable("BlockServerUnavailable", format!("resume failed: {e}"))
-            });
-        }
         if let Some(f) = failure {
             for ((v, (_, c)), m) in vols.iter().zip(&clients).zip(&marks) {
                 if let Some(m) = m {
