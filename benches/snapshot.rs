@@ -2,13 +2,13 @@
 //! processes on 127.0.0.1, local store), in one run:
 //!
 //! - the pause window (first Pause sent to last Resume acknowledged) of CreateSnapshots for 1
-//!   and for 8 volumes of one instance, p50/p99, while every volume takes 4 KiB random writes
-//!   through the host agent's data path (XTS, block protocol);
+//!   and for 8 volumes of one instance, p50/p99, with no load, and while every volume takes
+//!   4 KiB random writes from 1 or 4 writers through the host agent's data path (XTS, block
+//!   protocol);
 //! - a snapshot of a 1 GiB volume of random data, full (the peer), then incremental with 1% of
 //!   its chunks changed: time from the call to `completed`.
 //!
-//! Set BENCH_SETS (default 40) for the pause-window sample size, BENCH_WRITERS (default 4)
-//! for the writers per volume. Prints one
+//! Set BENCH_SETS (default 100) for the pause-window sample size. Prints one
 //! `BENCH <name> <value> <unit>` line per figure.
 
 #![allow(clippy::unwrap_used)] // a bench that cannot set up should stop loudly
@@ -103,35 +103,35 @@ fn report_window(name: &str, label: &str, mut us: Vec<u64>) {
 
 async fn pause_windows(f: &Fleet, sets: usize) {
     let (instance, vols, agents) = f.instance_with_volumes(8, 8, 64 << 20).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let per_volume: usize = std::env::var("BENCH_WRITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
-    let writers = start_writers(&agents, per_volume, &stop, &writes);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let others: Vec<VolumeId> = vols[1..].iter().map(|v| v.volume_id.clone()).collect();
-    for (n, exclude) in [(1, others), (8, vec![])] {
-        let req = request(&instance, exclude);
-        let mut windows = Vec::new();
-        let started = Instant::now();
-        let w0 = writes.load(Ordering::Relaxed);
-        for _ in 0..sets {
-            let (set, _) = snapshot(f, &req).await;
-            assert_eq!(set.snapshots.len(), n);
-            windows.push(set.pause_window_us);
+    // No load (the protocol's floor), one writer per volume, four (both CPUs saturated).
+    for per_volume in [0, 1, 4] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let writers = start_writers(&agents, per_volume, &stop, &writes);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (n, exclude) in [(1, others.clone()), (8, vec![])] {
+            let req = request(&instance, exclude);
+            let mut windows = Vec::new();
+            let started = Instant::now();
+            let w0 = writes.load(Ordering::Relaxed);
+            for _ in 0..sets {
+                let (set, _) = snapshot(f, &req).await;
+                assert_eq!(set.snapshots.len(), n);
+                windows.push(set.pause_window_us);
+            }
+            let rate =
+                (writes.load(Ordering::Relaxed) - w0) as f64 / started.elapsed().as_secs_f64();
+            report_window(
+                &format!("pause_window_{n}_volumes_{per_volume}_writers"),
+                &format!("pause window, {n} vol, {per_volume} writer(s)/vol ({rate:.0} writes/s)"),
+                windows,
+            );
         }
-        let rate = (writes.load(Ordering::Relaxed) - w0) as f64 / started.elapsed().as_secs_f64();
-        report_window(
-            &format!("pause_window_{n}_volumes"),
-            &format!("pause window, {n} volume(s), under {rate:.0} writes/s"),
-            windows,
-        );
-    }
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.await.unwrap();
+        }
     }
 }
 
@@ -200,7 +200,7 @@ fn main() {
     let sets: usize = std::env::var("BENCH_SETS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(100);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::store::Store;
 
-pub const OPS: [&str; 15] = [
+pub const OPS: [&str; 16] = [
     "create_volume",
     "delete_volume",
     "stat_volume",
@@ -29,6 +29,7 @@ pub const OPS: [&str; 15] = [
     "list_changed_chunks",
     "release_mark",
     "unhydrated_chunks",
+    "mark_resume",
 ];
 
 /// Index of a request's operation in [`OPS`].
@@ -49,6 +50,7 @@ pub fn op_index(req: &Request) -> usize {
         Request::ListChangedChunks { .. } => 12,
         Request::ReleaseMark { .. } => 13,
         Request::UnhydratedChunks { .. } => 14,
+        Request::MarkResume { .. } => 15,
     }
 }
 

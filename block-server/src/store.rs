@@ -322,6 +322,22 @@ impl Store {
                 self.volume(&volume)?.resume().await?;
                 Response::Done
             }
+            Request::MarkResume { volume } => {
+                let vol = self.volume(&volume)?;
+                let meta = &self.meta;
+                let marked = vol
+                    .mark(|rec| meta.put_volume_unsynced(&volume, &rec).map_err(meta_err))
+                    .await;
+                // Resumed whatever the mark did: a paused volume stalls its instance.
+                let resumed = vol.resume().await;
+                let id = marked?;
+                if let Err(e) = resumed {
+                    let _ = vol.release_mark(id);
+                    return Err(e);
+                }
+                self.metrics.marks.fetch_add(1, Ordering::Relaxed);
+                Response::MarkId(id)
+            }
             Request::ReadMark {
                 volume,
                 mark,

@@ -417,6 +417,28 @@ async fn marks_give_exact_point_in_time_reads_under_concurrent_writes() {
         c.resume(&v).await.unwrap_err().code(),
         Some(ErrorCode::NotPaused)
     );
+
+    // MarkResume: a cut and a resume in one request; writes go on at once.
+    c.pause(&v).await.unwrap();
+    let cut = c.read(&v, 0, (chunks * CHUNK) as u32).await.unwrap();
+    let m2 = c.mark_resume(&v).await.unwrap();
+    assert!(m2 > mark);
+    c.write(&v, 0, Bytes::from(pattern(0, 99)), true)
+        .await
+        .unwrap();
+    let (_, first) = c.read_mark(&v, m2, 0).await.unwrap();
+    assert!(first == cut[..CHUNK as usize], "the write reached the cut");
+    // With a mark open, the mark fails but the volume is resumed anyway.
+    c.pause(&v).await.unwrap();
+    assert_eq!(
+        c.mark_resume(&v).await.unwrap_err().code(),
+        Some(ErrorCode::MarkOpen)
+    );
+    assert_eq!(
+        c.resume(&v).await.unwrap_err().code(),
+        Some(ErrorCode::NotPaused)
+    );
+    c.release_mark(&v, m2).await.unwrap();
 }
 
 #[tokio::test]

@@ -398,6 +398,19 @@ impl BlockClient {
         }
     }
 
+    /// Marks a paused volume and resumes it in one round trip (resumed even if the mark fails).
+    pub async fn mark_resume(&self, volume: &VolumeId) -> Result<u64, ClientError> {
+        match self
+            .call(Request::MarkResume {
+                volume: volume.clone(),
+            })
+            .await?
+        {
+            Response::MarkId(m) => Ok(m),
+            other => Err(unexpected("MarkResume", &other)),
+        }
+    }
+
     pub async fn resume(&self, volume: &VolumeId) -> Result<(), ClientError> {
         self.done(
             Request::Resume {

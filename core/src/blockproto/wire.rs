@@ -10,7 +10,7 @@
 //!
 //! Versions (bump on every change, one line each):
 //! - V1: the first protocol: volumes, Read/Write(FUA)/Flush, WriteIfUnwritten, ChunkState,
-//!   Pause/Mark/Resume/ReadMark/ListChangedChunks/ReleaseMark.
+//!   Pause/Mark/Resume/MarkResume/ReadMark/ListChangedChunks/ReleaseMark.
 //! - V2: lazy hydration: `NotHydrated` error, `UnhydratedChunks`, `VolumeStat.unhydrated`,
 //!   an empty `WriteIfUnwritten` hydrates a chunk as zeros.
 //!
@@ -139,6 +139,11 @@ pub enum Request {
     Resume {
         volume: VolumeId,
     },
+    /// Mark, then Resume, in one round trip (the coordinator's step once every volume of a
+    /// set is paused). Resumes even when the mark fails, then reports that failure.
+    MarkResume {
+        volume: VolumeId,
+    },
     /// A chunk as it was at the open mark.
     ReadMark {
         volume: VolumeId,
@@ -218,6 +223,7 @@ mod op {
     pub const LIST_CHANGED: u8 = 13;
     pub const RELEASE_MARK: u8 = 14;
     pub const UNHYDRATED: u8 = 15;
+    pub const MARK_RESUME: u8 = 16;
 }
 
 mod reply {
@@ -481,6 +487,10 @@ impl Request {
                 b.put_u8(op::RESUME);
                 put_volume(&mut b, volume);
             }
+            Request::MarkResume { volume } => {
+                b.put_u8(op::MARK_RESUME);
+                put_volume(&mut b, volume);
+            }
             Request::ReadMark {
                 volume,
                 mark,
@@ -582,6 +592,9 @@ impl Request {
                 volume: r.volume()?,
             },
             op::RESUME => Request::Resume {
+                volume: r.volume()?,
+            },
+            op::MARK_RESUME => Request::MarkResume {
                 volume: r.volume()?,
             },
             op::READ_MARK => Request::ReadMark {
@@ -775,6 +788,7 @@ mod tests {
             Request::Pause { volume: v.clone() },
             Request::Mark { volume: v.clone() },
             Request::Resume { volume: v.clone() },
+            Request::MarkResume { volume: v.clone() },
             Request::ReadMark {
                 volume: v.clone(),
                 mark: 2,

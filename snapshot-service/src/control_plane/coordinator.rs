@@ -95,13 +95,13 @@ impl ControlPlane {
                 if p.is_err() {
                     return (None, Ok(()));
                 }
-                let mark = if all_paused {
-                    Some(c.mark(&v.id).await)
+                if all_paused {
+                    // One round trip: the block server resumes whatever the mark did.
+                    (Some(c.mark_resume(&v.id).await), Ok(()))
                 } else {
-                    None
-                };
-                // Resumed whatever happened: a paused volume stalls its instance.
-                (mark, c.resume(&v.id).await)
+                    // Resumed whatever happened: a paused volume stalls its instance.
+                    (None, c.resume(&v.id).await)
+                }
             },
         ))
         .await;
