@@ -247,18 +247,16 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
 
     // Writes stopped: one more set is the volumes as they are; restores (encrypted under a
     // new key, from encrypted and unencrypted volumes) read back identical.
-    let last =
-        f.cp.create_snapshots(&CreateSnapshotsRequest {
-            instance_id: instance.clone(),
-            exclude_boot_volume: true,
-            exclude_volume_ids: vec![],
-            description: String::new(),
-            tags: BTreeMap::new(),
-            copy_tags_from_source: false,
-            client_token: Some("last-set".into()),
-        })
-        .await
-        .unwrap();
+    let last_req = CreateSnapshotsRequest {
+        instance_id: instance.clone(),
+        exclude_boot_volume: true,
+        exclude_volume_ids: vec![],
+        description: String::new(),
+        tags: BTreeMap::new(),
+        copy_tags_from_source: false,
+        client_token: Some("last-set".into()),
+    };
+    let last = f.cp.create_snapshots(&last_req).await.unwrap();
     assert_eq!(last.snapshots.len(), 2, "boot volume left out");
     let last = wait_set(&f, &last.set_id).await;
     assert_eq!(last.state, SnapshotState::Completed);
@@ -327,18 +325,7 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
     }
 
     // The same client token and arguments: the same set, not a second cut.
-    let again =
-        f.cp.create_snapshots(&CreateSnapshotsRequest {
-            instance_id: instance.clone(),
-            exclude_boot_volume: true,
-            exclude_volume_ids: vec![],
-            description: String::new(),
-            tags: BTreeMap::new(),
-            copy_tags_from_source: false,
-            client_token: Some("last-set".into()),
-        })
-        .await
-        .unwrap();
+    let again = f.cp.create_snapshots(&last_req).await.unwrap();
     assert_eq!(again.set_id, last.set_id);
 
     // ListChangedBlocks between two sets of volume 1, and DeleteSnapshot with its GC: the

@@ -150,27 +150,7 @@ impl ControlPlane {
             )));
         }
         for v in &vols {
-            if v.impaired_reason.is_some() {
-                return Err(ApiError::conflict(
-                    "IncorrectState",
-                    format!("volume {} is impaired: it cannot be snapshotted", v.id),
-                ));
-            }
-            if let Some(j) = &v.job_id {
-                if self
-                    .state
-                    .job(j)?
-                    .is_some_and(|j| j.state != HydrationState::Done)
-                {
-                    return Err(ApiError::conflict(
-                        "IncorrectState",
-                        format!(
-                            "volume {} is still hydrating (job {j}): snapshot it when it is done",
-                            v.id
-                        ),
-                    ));
-                }
-            }
+            self.check_whole(v, "snapshotted")?;
         }
         let cut = self.cut(&vols).await;
         let (marks, window) = match cut {

@@ -86,13 +86,20 @@ impl ControlPlane {
                 format!("source volume {id} is {:?}", src.state),
             ));
         }
-        if let Some(r) = &src.impaired_reason {
+        self.check_whole(&src, "copied")?;
+        Ok(src)
+    }
+
+    /// Refuses a volume that cannot be read whole at a mark: impaired, or still hydrating
+    /// (`doing`: what the caller would do with it).
+    pub(super) fn check_whole(&self, v: &VolumeRecord, doing: &str) -> Result<(), ApiError> {
+        if let Some(r) = &v.impaired_reason {
             return Err(ApiError::conflict(
                 "IncorrectState",
-                format!("source volume {id} is impaired ({r}): it cannot be copied"),
+                format!("volume {} is impaired ({r}): it cannot be {doing}", v.id),
             ));
         }
-        if let Some(j) = &src.job_id {
+        if let Some(j) = &v.job_id {
             if self
                 .state
                 .job(j)?
@@ -101,12 +108,13 @@ impl ControlPlane {
                 return Err(ApiError::conflict(
                     "IncorrectState",
                     format!(
-                        "source volume {id} is still hydrating (job {j}): copy it when it is done"
+                        "volume {} is still hydrating (job {j}): it can be {doing} when that is done",
+                        v.id
                     ),
                 ));
             }
         }
-        Ok(src)
+        Ok(())
     }
 
     /// Takes the cut a copy reproduces: pause, mark, resume on the source's block server.
