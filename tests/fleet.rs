@@ -446,11 +446,9 @@ async fn volume_copied_from_a_volume_at_the_moment_asked() {
     qemu_io(&agent_a, &format!("write -P 0x22 {late} 65536"));
     now[late as usize..late as usize + 65536].fill(0x22);
 
-    // While the copy runs: a second cut is refused, and so is deleting the source.
-    f.fails(
-        &["volume", "create", "--from-volume", a.as_str()],
-        "VolumeBusy",
-    );
+    // While the copy runs: the source cannot be deleted.
+    // A second copy meanwhile is a cut of its own, with that write.
+    let second = f.create(&["--from-volume", a.as_str()]);
     drop(agent_a);
     f.ok(&["volume", "detach", a.as_str()]);
     f.fails(&["volume", "rm", a.as_str()], "source of hydration job");
@@ -471,6 +469,12 @@ async fn volume_copied_from_a_volume_at_the_moment_asked() {
     assert!(
         nbd_read(&agent_a, &f.dir.path().join("src")) == now,
         "the source lost a write made during the copy"
+    );
+    wait_hydrated(&f, &[second[0].volume_id.clone()]);
+    let agent = f.attach(&second[0].volume_id);
+    assert!(
+        nbd_read(&agent, &f.dir.path().join("second")) == now,
+        "the second copy is not the source at its own cut"
     );
 
     // The cut is released with the job: the source can be copied again, now with the write.

@@ -1,5 +1,5 @@
 //! One volume: a sparse extent file read and written at offsets, its per-chunk state, the pause
-//! gate, and the open mark with its copy-on-write area.
+//! gate, and the open marks, each with its copy-on-write area.
 //!
 //! Write path (numbered as in docs/architecture.md):
 //! 1. check alignment and range;
@@ -7,13 +7,13 @@
 //!    waits for in-flight writes and holds back new ones);
 //! 3. lock the stripes of the chunks touched (serialises against hydration and copy-on-write of
 //!    the same chunk);
-//! 4. if a mark is open and a touched chunk has not been copied aside yet, copy it (data and
-//!    state) to the mark's area;
+//! 4. for each open mark that has not copied a touched chunk aside yet, copy it (data and
+//!    state) to that mark's area;
 //! 5. pwrite; 6. update the chunk state in memory (staged to sled at the next flush);
 //! 7. with FUA, flush (group commit) before acknowledging.
 //!
-//! Marks do not survive a restart: a restarted server has dropped its open mark and its
-//! copy-on-write area (the snapshot coordinator then fails the snapshot and retries). Mark ids
+//! Marks do not survive a restart: a restarted server has dropped its open marks and their
+//! copy-on-write areas (the snapshot coordinator then fails the snapshot and retries). Mark ids
 //! and each chunk's last-written epoch do persist, so change lists keep working.
 
 use std::collections::{BTreeSet, HashMap};
@@ -102,8 +102,13 @@ struct VolState {
     dirty_chunks: BTreeSet<u64>,
     epoch: u64,
     unclean_epoch: Option<u64>,
-    open: Option<OpenMark>,
+    /// Open marks, oldest first (at most `MAX_MARKS`).
+    open: Vec<OpenMark>,
 }
+
+/// Open marks per volume: a snapshot set uploading and a copy of the volume (or two) can hold
+/// cuts at once; each costs a copy of every chunk first written after it.
+pub const MAX_MARKS: usize = 4;
 
 struct Pause {
     id: u64,
@@ -263,7 +268,7 @@ impl Volume {
                 dirty_chunks: BTreeSet::new(),
                 epoch: rec.epoch,
                 unclean_epoch: rec.unclean_epoch,
-                open: None,
+                open: Vec::new(),
             }),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             gate: Arc::new(RwLock::new(())),
@@ -385,39 +390,42 @@ impl Volume {
             .collect()
     }
 
-    /// Copies aside, for the open mark, each chunk of `chunks` not copied yet. The caller holds
-    /// the chunks' stripe locks.
+    /// Copies aside, for every open mark, each chunk of `chunks` it has not copied yet. The
+    /// caller holds the chunks' stripe locks.
     async fn copy_on_write(&self, chunks: std::ops::Range<u64>) -> Result<(), OpError> {
         for c in chunks {
-            let (mark_id, cow_file, slot, meta) = {
-                let mut guard = lock(&self.state);
-                let st = &mut *guard;
-                let Some(m) = st.open.as_mut() else {
-                    return Ok(());
+            loop {
+                let (mark_id, cow_file, slot, meta) = {
+                    let mut guard = lock(&self.state);
+                    let st = &mut *guard;
+                    let Some(m) = st.open.iter_mut().find(|m| !m.cow.contains_key(&c)) else {
+                        break;
+                    };
+                    m.next_slot += 1;
+                    (
+                        m.id,
+                        Arc::clone(&m.cow_file),
+                        m.next_slot - 1,
+                        st.chunks[c as usize],
+                    )
                 };
-                if m.cow.contains_key(&c) {
-                    continue;
+                if meta.generation > 0 {
+                    let file = Arc::clone(&self.file);
+                    blocking(move || {
+                        let mut buf = vec![0u8; CHUNK as usize];
+                        file.read_exact_at(&mut buf, c * CHUNK)?;
+                        cow_file.write_all_at(&buf, slot * CHUNK)
+                    })
+                    .await?;
                 }
-                m.next_slot += 1;
-                (
-                    m.id,
-                    Arc::clone(&m.cow_file),
-                    m.next_slot - 1,
-                    st.chunks[c as usize],
-                )
-            };
-            if meta.generation > 0 {
-                let file = Arc::clone(&self.file);
-                blocking(move || {
-                    let mut buf = vec![0u8; CHUNK as usize];
-                    file.read_exact_at(&mut buf, c * CHUNK)?;
-                    cow_file.write_all_at(&buf, slot * CHUNK)
-                })
-                .await?;
-            }
-            let mut st = lock(&self.state);
-            if let Some(m) = st.open.as_mut().filter(|m| m.id == mark_id) {
-                m.cow.insert(c, (meta, slot));
+                let mut st = lock(&self.state);
+                match st.open.iter_mut().find(|m| m.id == mark_id) {
+                    Some(m) => {
+                        m.cow.insert(c, (meta, slot));
+                    }
+                    // Released meanwhile: nothing to keep.
+                    None => continue,
+                }
             }
         }
         Ok(())
@@ -520,7 +528,7 @@ impl Volume {
         VolumeStat {
             size: self.size,
             hydrating: self.hydrating,
-            open_mark: st.open.as_ref().map_or(0, |m| m.id),
+            open_mark: st.open.last().map_or(0, |m| m.id),
             paused,
             unhydrated: if self.hydrating {
                 st.chunks.iter().filter(|m| !m.hydrated).count() as u64
@@ -588,10 +596,13 @@ impl Volume {
             false => Some(self.gate.write().await),
         };
         let mut st = lock(&self.state);
-        if let Some(m) = &st.open {
+        if st.open.len() >= MAX_MARKS {
             return Err(op_err(
                 ErrorCode::MarkOpen,
-                format!("{} already has open mark {}", self.id, m.id),
+                format!(
+                    "{} already has {MAX_MARKS} open marks; release one first",
+                    self.id
+                ),
             ));
         }
         let id = st.epoch + 1;
@@ -609,7 +620,7 @@ impl Volume {
             unclean_epoch: st.unclean_epoch,
         })?;
         st.epoch = id;
-        st.open = Some(OpenMark {
+        st.open.push(OpenMark {
             id,
             cow_path,
             cow_file: Arc::new(cow_file),
@@ -623,7 +634,7 @@ impl Volume {
     }
 
     fn open_mark<'a>(&self, st: &'a VolState, mark: u64) -> Result<&'a OpenMark, OpError> {
-        st.open.as_ref().filter(|m| m.id == mark).ok_or_else(|| {
+        st.open.iter().find(|m| m.id == mark).ok_or_else(|| {
             op_err(
                 ErrorCode::NoSuchMark,
                 format!("mark {mark} is not open on {}", self.id),
@@ -662,7 +673,8 @@ impl Volume {
     pub fn release_mark(&self, mark: u64) -> Result<(), OpError> {
         let mut st = lock(&self.state);
         self.open_mark(&st, mark)?;
-        if let Some(m) = st.open.take() {
+        if let Some(i) = st.open.iter().position(|m| m.id == mark) {
+            let m = st.open.remove(i);
             let _ = fs::remove_file(&m.cow_path);
         }
         Ok(())

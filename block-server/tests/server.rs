@@ -384,10 +384,6 @@ async fn marks_give_exact_point_in_time_reads_under_concurrent_writes() {
     // Paused: no write is acknowledged, so what is on the volume now is the cut.
     let cut = c.read(&v, 0, (chunks * CHUNK) as u32).await.unwrap();
     let mark = c.mark(&v).await.unwrap();
-    assert_eq!(
-        c.mark(&v).await.unwrap_err().code(),
-        Some(ErrorCode::MarkOpen)
-    );
     c.resume(&v).await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -428,7 +424,11 @@ async fn marks_give_exact_point_in_time_reads_under_concurrent_writes() {
         .unwrap();
     let (_, first) = c.read_mark(&v, m2, 0).await.unwrap();
     assert!(first == cut[..CHUNK as usize], "the write reached the cut");
-    // With a mark open, the mark fails but the volume is resumed anyway.
+    // With every mark slot taken, the mark fails but the volume is resumed anyway.
+    let mut extra = Vec::new();
+    for _ in 1..blockfleet_block_server::volume::MAX_MARKS {
+        extra.push(c.mark(&v).await.unwrap());
+    }
     c.pause(&v).await.unwrap();
     assert_eq!(
         c.mark_resume(&v).await.unwrap_err().code(),
@@ -438,6 +438,47 @@ async fn marks_give_exact_point_in_time_reads_under_concurrent_writes() {
         c.resume(&v).await.unwrap_err().code(),
         Some(ErrorCode::NotPaused)
     );
+    for m in extra {
+        c.release_mark(&v, m).await.unwrap();
+    }
+    c.release_mark(&v, m2).await.unwrap();
+}
+
+#[tokio::test]
+async fn several_open_marks_each_keep_their_cut() {
+    let s = Server::start().await;
+    let c = s.client().await;
+    let v = vol();
+    c.create_volume(&v, 4 * CHUNK, false).await.unwrap();
+    let write = |u: u64, tag: u8| c.write(&v, u * SECTOR, Bytes::from(pattern(u, tag)), false);
+    write(0, 1).await.unwrap();
+    let m1 = c.mark(&v).await.unwrap();
+    let at1 = c.read(&v, 0, (4 * CHUNK) as u32).await.unwrap();
+    write(0, 2).await.unwrap();
+    write(200, 2).await.unwrap();
+    let m2 = c.mark(&v).await.unwrap();
+    let at2 = c.read(&v, 0, (4 * CHUNK) as u32).await.unwrap();
+    write(0, 3).await.unwrap();
+    write(200, 3).await.unwrap();
+    write(300, 3).await.unwrap();
+    let now = c.read(&v, 0, (4 * CHUNK) as u32).await.unwrap();
+    assert_ne!(now, at2);
+    for (m, at) in [(m1, &at1), (m2, &at2)] {
+        for chunk in 0..4u64 {
+            let (_, data) = c.read_mark(&v, m, chunk).await.unwrap();
+            let r = (chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize;
+            assert!(data == at[r], "mark {m} chunk {chunk} is not its cut");
+        }
+    }
+    assert_eq!(c.list_changed_chunks(&v, m1, m2).await.unwrap(), vec![0, 1]);
+    // Releasing the older keeps the newer whole.
+    c.release_mark(&v, m1).await.unwrap();
+    write(300, 4).await.unwrap();
+    for chunk in 0..4u64 {
+        let (_, data) = c.read_mark(&v, m2, chunk).await.unwrap();
+        let r = (chunk * CHUNK) as usize..((chunk + 1) * CHUNK) as usize;
+        assert!(data == at2[r], "mark {m2} chunk {chunk} changed");
+    }
     c.release_mark(&v, m2).await.unwrap();
 }
 

@@ -49,7 +49,7 @@ fn cut_error(
         Some(ErrorCode::MarkOpen) => ApiError::conflict(
             "VolumeBusy",
             format!(
-                "volume {} is being copied or snapshotted already; retry when that finishes",
+                "volume {} has every cut slot taken (snapshot sets uploading, copies running); retry when one finishes",
                 v.id
             ),
         ),

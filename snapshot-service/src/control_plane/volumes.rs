@@ -140,7 +140,7 @@ impl ControlPlane {
             Some(ErrorCode::MarkOpen) => ApiError::conflict(
                 "VolumeBusy",
                 format!(
-                    "source volume {} is being snapshotted or copied already; retry when that finishes",
+                    "source volume {} has every cut slot taken (snapshot sets uploading, copies running); retry when one finishes",
                     src.id
                 ),
             ),
