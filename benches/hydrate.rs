@@ -20,11 +20,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockfleet::host_agent::{AgentVolume, Fetcher};
-use blockfleet_core::api::{AttachVolumeRequest, CreateVolumeRequest, HydrationState};
-use blockfleet_core::blockproto::BlockClient;
+use blockfleet::host_agent::AgentVolume;
+use blockfleet_core::api::{CreateVolumeRequest, HydrationState};
 use blockfleet_core::config::{LocalStoreConfig, S3StoreConfig, Secret, StoreConfig};
-use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::{InstanceId, SnapshotId, VolumeId};
 use blockfleet_core::snapshot::{Archive, ManifestKey};
 use blockfleet_core::store::{self, ObjectStore};
@@ -148,28 +146,6 @@ async fn hydrate(f: &Fleet, snap: &SnapshotId, count: u32) -> (f64, Vec<VolumeId
     }
 }
 
-/// The host agent's read path for `volume`, in this process (no NBD in the measurement).
-async fn agent_volume(f: &Fleet, volume: &VolumeId) -> AgentVolume {
-    f.cp.attach_volume(&AttachVolumeRequest {
-        volume_id: volume.clone(),
-        instance_id: InstanceId::generate(),
-        device: None,
-        boot: false,
-        host: None,
-    })
-    .await
-    .unwrap();
-    let info = f.cp.attach_info(volume).await.unwrap();
-    let kms = f.kms("AKHOST", "host-secret-0123").await;
-    let wrapped = hex::decode(info.wrapped_key.unwrap()).unwrap();
-    let xts = Xts::new(&kms.decrypt_key(&wrapped, volume).await.unwrap());
-    let client = Arc::new(BlockClient::connect(&info.block_server).await.unwrap());
-    let fetcher = Fetcher::new(info.fetch_endpoints, Some(f.cp.clone()));
-    AgentVolume::open(client, volume.clone(), Some(Arc::new(xts)), Some(fetcher))
-        .await
-        .unwrap()
-}
-
 async fn time_reads(v: &AgentVolume, chunks: &[u64]) -> Vec<Duration> {
     let mut out = Vec::with_capacity(chunks.len());
     for &c in chunks {
@@ -278,7 +254,15 @@ async fn run_store(
         })
         .await
         .unwrap();
-    let v = agent_volume(&f, &lazy[0].volume_id).await;
+    let v = f
+        .attach_in_process(
+            &lazy[0].volume_id,
+            &InstanceId::generate(),
+            None,
+            false,
+            true,
+        )
+        .await;
     let mut x = 0x9e37_79b9u64;
     let mut picks = Vec::new();
     while picks.len() < FIRST_READS.min(chunks as usize / 4) {

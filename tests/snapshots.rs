@@ -14,10 +14,8 @@ use std::time::{Duration, Instant};
 
 use blockfleet::host_agent::AgentVolume;
 use blockfleet_core::api::{
-    AttachVolumeRequest, CreateSnapshotsRequest, CreateVolumeRequest, HydrationState, SnapshotSet,
-    SnapshotState,
+    CreateSnapshotsRequest, CreateVolumeRequest, HydrationState, SnapshotSet, SnapshotState,
 };
-use blockfleet_core::blockproto::BlockClient;
 use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::{InstanceId, SnapshotId, VolumeId};
 use blockfleet_core::kms::Kms;
@@ -288,35 +286,15 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
             assert!(Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let host = f.kms("AKHOST", "host-secret-0123").await;
-        f.cp.attach_volume(&AttachVolumeRequest {
-            volume_id: restored.volume_id.clone(),
-            instance_id: InstanceId::generate(),
-            device: None,
-            boot: false,
-            host: None,
-        })
-        .await
-        .unwrap();
-        let info = f.cp.attach_info(&restored.volume_id).await.unwrap();
-        let xts = Xts::new(
-            &host
-                .decrypt_key(
-                    &hex::decode(info.wrapped_key.unwrap()).unwrap(),
-                    &restored.volume_id,
-                )
-                .await
-                .unwrap(),
-        );
-        let client = Arc::new(BlockClient::connect(&info.block_server).await.unwrap());
-        let back = AgentVolume::open(
-            client,
-            restored.volume_id.clone(),
-            Some(Arc::new(xts)),
-            None,
-        )
-        .await
-        .unwrap();
+        let back = f
+            .attach_in_process(
+                &restored.volume_id,
+                &InstanceId::generate(),
+                None,
+                false,
+                false,
+            )
+            .await;
         assert!(
             read_all(&back).await == want,
             "restore of {} (volume {i}) differs from the volume at the cut",

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use blockfleet::host_agent::AgentVolume;
+use blockfleet::host_agent::{AgentVolume, Fetcher};
 use blockfleet_core::api::{AttachVolumeRequest, ControlPlaneClient, CreateVolumeRequest, Volume};
 use blockfleet_core::blockproto::BlockClient;
 use blockfleet_core::config::{KmsClientConfig, Secret};
@@ -216,7 +216,6 @@ secret_access_key = "host-secret-0123"
         size: u64,
     ) -> (InstanceId, Vec<Volume>, Vec<Arc<AgentVolume>>) {
         let instance = InstanceId::generate();
-        let host_kms = self.kms("AKHOST", "host-secret-0123").await;
         let mut vols = Vec::new();
         let mut agents = Vec::new();
         for i in 0..n {
@@ -231,35 +230,54 @@ secret_access_key = "host-secret-0123"
                 .await
                 .unwrap()
                 .remove(0);
-            self.cp
-                .attach_volume(&AttachVolumeRequest {
-                    volume_id: v.volume_id.clone(),
-                    instance_id: instance.clone(),
-                    device: Some(format!("/dev/sd{}", (b'f' + i as u8) as char)),
-                    boot: i == 0,
-                    host: None,
-                })
-                .await
-                .unwrap();
-            let info = self.cp.attach_info(&v.volume_id).await.unwrap();
-            let xts = match &info.wrapped_key {
-                Some(w) => Some(Arc::new(Xts::new(
-                    &host_kms
-                        .decrypt_key(&hex::decode(w).unwrap(), &v.volume_id)
-                        .await
-                        .unwrap(),
-                ))),
-                None => None,
-            };
-            let client = Arc::new(BlockClient::connect(&info.block_server).await.unwrap());
+            let device = format!("/dev/sd{}", (b'f' + i as u8) as char);
             agents.push(Arc::new(
-                AgentVolume::open(client, v.volume_id.clone(), xts, None)
-                    .await
-                    .unwrap(),
+                self.attach_in_process(&v.volume_id, &instance, Some(device), i == 0, false)
+                    .await,
             ));
             vols.push(v);
         }
         (instance, vols, agents)
+    }
+
+    /// Attaches `volume` to `instance` and opens it through the host agent's data path in this
+    /// process (its key unwrapped under the host's grant; `fetch`: on-demand hydration on).
+    pub async fn attach_in_process(
+        &self,
+        volume: &VolumeId,
+        instance: &InstanceId,
+        device: Option<String>,
+        boot: bool,
+        fetch: bool,
+    ) -> AgentVolume {
+        self.cp
+            .attach_volume(&AttachVolumeRequest {
+                volume_id: volume.clone(),
+                instance_id: instance.clone(),
+                device,
+                boot,
+                host: None,
+            })
+            .await
+            .unwrap();
+        let info = self.cp.attach_info(volume).await.unwrap();
+        let xts = match &info.wrapped_key {
+            Some(w) => {
+                let host = self.kms("AKHOST", "host-secret-0123").await;
+                let key = host
+                    .decrypt_key(&hex::decode(w).unwrap(), volume)
+                    .await
+                    .unwrap();
+                Some(Arc::new(Xts::new(&key)))
+            }
+            None => None,
+        };
+        let fetcher =
+            fetch.then(|| Fetcher::new(info.fetch_endpoints.clone(), Some(self.cp.clone())));
+        let client = Arc::new(BlockClient::connect(&info.block_server).await.unwrap());
+        AgentVolume::open(client, volume.clone(), xts, fetcher)
+            .await
+            .unwrap()
     }
 
     /// kill -9 of the control plane, then a new one on the same address and state.
