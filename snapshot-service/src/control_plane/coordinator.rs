@@ -443,24 +443,7 @@ impl ControlPlane {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(set_id);
-        let stored: HashSet<ChunkHash> = self
-            .state
-            .uploads(set_id)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|h| h.parse().ok())
-            .collect();
-        let cleaned = match self.collect_garbage(stored).await {
-            Ok(n) => {
-                tracing::info!(set = set_id, deleted_chunks = n, "failed set cleaned up");
-                let _ = self.state.forget_uploads(set_id);
-                true
-            }
-            Err(e) => {
-                tracing::error!(set = set_id, error = %e, "failed set's chunks not cleaned up (kept for the next attempt)");
-                false
-            }
-        };
+        let cleaned = self.clean_up_uploads(set_id).await;
         let _changes = self.changes.lock().await;
         let r = (|| {
             for mut s in snaps {
@@ -525,13 +508,60 @@ impl ControlPlane {
     }
 
     /// Resumes the sets a previous run left pending.
+    /// Resumes the sets a previous run left pending, and retries the cleanup of failed sets
+    /// whose chunks could not all be deleted then.
     pub(super) fn resume_pending_sets(self: &Arc<Self>) -> Result<(), ApiError> {
         for set in self.state.sets()? {
             if set.state == SnapshotState::Pending {
                 tracing::info!(set = %set.id, "resuming a pending snapshot set");
                 self.spawn_set(set.id);
+            } else if set.state == SnapshotState::Error && !self.state.uploads(&set.id)?.is_empty()
+            {
+                let me = Arc::clone(self);
+                tokio::spawn(async move { me.retry_cleanup(&set.id).await });
             }
         }
         Ok(())
+    }
+
+    async fn retry_cleanup(&self, set_id: &str) {
+        for s in self.set_snapshots(set_id).unwrap_or_default() {
+            if self.archive.delete_manifest(&s.id).await.is_err() {
+                return;
+            }
+        }
+        if self.clean_up_uploads(set_id).await {
+            if let Ok(Some(mut set)) = self.state.set(set_id) {
+                if let Some(e) = &set.error {
+                    set.error = Some(e.replace(" (cleanup pending)", ""));
+                }
+                let _ = self.state.put_set(&set).and_then(|()| self.state.flush());
+            }
+        }
+    }
+
+    /// Deletes the chunks a failed set stored that nothing references; true when done.
+    async fn clean_up_uploads(&self, set_id: &str) -> bool {
+        let stored: HashSet<ChunkHash> = self
+            .state
+            .uploads(set_id)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|h| h.parse().ok())
+            .collect();
+        match self.collect_garbage(stored).await {
+            Ok(n) => {
+                tracing::info!(set = set_id, deleted_chunks = n, "failed set cleaned up");
+                let _ = self
+                    .state
+                    .forget_uploads(set_id)
+                    .and_then(|()| self.state.flush());
+                true
+            }
+            Err(e) => {
+                tracing::error!(set = set_id, error = %e, "failed set's chunks not cleaned up (retried at the next start)");
+                false
+            }
+        }
     }
 }
