@@ -544,6 +544,37 @@ async fn create_snapshots_bad_input_changes_nothing() {
         2,
         "only the one set's snapshots exist"
     );
+    // Filters, and the CLI's other views of the set.
+    let by_volume =
+        f.cp.describe_snapshots(&blockfleet_core::api::DescribeSnapshotsRequest {
+            volume_id: Some(vols[1].volume_id.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_volume.len(), 1);
+    assert_eq!(by_volume[0].volume_id, vols[1].volume_id);
+    let pending =
+        f.cp.describe_snapshots(&blockfleet_core::api::DescribeSnapshotsRequest {
+            set_id: Some(set.set_id.clone()),
+            state: Some(SnapshotState::Pending),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(pending.is_empty());
+    let shown: SnapshotSet =
+        serde_json::from_str(&f.ok(&["-o", "json", "snapshot", "set", &set.set_id])).unwrap();
+    assert_eq!(shown.set_id, set.set_id);
+    let diff: blockfleet_core::api::ChangedBlocks = serde_json::from_str(&f.ok(&[
+        "-o",
+        "json",
+        "snapshot",
+        "diff",
+        set.snapshots[0].snapshot_id.as_str(),
+    ]))
+    .unwrap();
+    assert!(diff.blocks.is_empty(), "nothing was written: {diff:?}");
     // A tampered manifest is an error, never data.
     let archive = archive(&f).await;
     let id = &set.snapshots[0].snapshot_id;
