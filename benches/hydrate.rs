@@ -302,10 +302,7 @@ fn main() {
         println!("hydrate bench: run with `cargo bench --bench hydrate`");
         return;
     }
-    let mib: u64 = std::env::var("BENCH_IMAGE_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let mib: u64 = common::env_or("BENCH_IMAGE_MIB", 1024);
     let size = mib << 20;
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let image = dir.path().join("image.raw");

@@ -197,10 +197,7 @@ fn main() {
         println!("snapshot bench: run with `cargo bench --bench snapshot`");
         return;
     }
-    let sets: usize = std::env::var("BENCH_SETS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let sets: usize = common::env_or("BENCH_SETS", 100);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -392,3 +392,11 @@ pub fn scrape(port: u16, name: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// A numeric setting from the environment (benches' sizes and sample counts), or `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
