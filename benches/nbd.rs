@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use blockfleet::host_agent::{self, AgentVolume};
 use blockfleet_block_server::{run, BlockServerConfig};
-use blockfleet_core::blockproto::BlockClient;
+use blockfleet_core::blockproto::{BlockClient, ReplicatedVolume};
 use blockfleet_core::crypto::{Xts, XtsKey};
 use blockfleet_core::ids::VolumeId;
 
@@ -157,11 +157,15 @@ fn main() {
         let v = VolumeId::generate();
         client.create_volume(&v, SIZE, false).await.expect("create");
         let xts = Arc::new(Xts::new(&XtsKey::generate()));
-        let vol = Arc::new(
-            AgentVolume::open(client, v.clone(), Some(xts), None)
-                .await
-                .expect("open"),
-        );
+        let vol = Arc::new(AgentVolume::open(
+            Arc::new(
+                ReplicatedVolume::open(v.clone(), &[bs_addr.clone()], Duration::from_secs(5))
+                    .await
+                    .expect("open"),
+            ),
+            Some(xts),
+            None,
+        ));
         let nbd = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -115,9 +115,14 @@ pub enum Command {
     Attach {
         #[arg(long)]
         volume: String,
-        /// Serve straight from this block server instead of asking the control plane.
+        /// Serve straight from these block servers (the volume's replicas; repeat the flag)
+        /// instead of asking the control plane.
         #[arg(long)]
-        block_server: Option<String>,
+        block_server: Vec<String>,
+        /// A replica that does not answer within this time is marked out (the volume goes on
+        /// with a majority) and repaired when it is back.
+        #[arg(long, default_value_t = 2000)]
+        replica_timeout_ms: u64,
         /// With --block-server: the volume's wrapped data key (hex); without it the volume is
         /// served unencrypted.
         #[arg(long, requires = "block_server")]

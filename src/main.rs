@@ -52,23 +52,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { size_mib } => demo::run(&config, cli.output, size_mib).await,
         Command::Attach {
             block_server,
+            replica_timeout_ms,
             volume,
             wrapped_key,
             listen,
             metrics_listen,
         } => {
             let volume: blockfleet_core::ids::VolumeId = volume.parse()?;
-            let target = match block_server {
-                Some(b) => services::AttachTarget {
-                    block_server: b,
+            let target = match block_server.is_empty() {
+                false => services::AttachTarget {
+                    replicas: block_server,
                     wrapped_key,
                     fetch_endpoints: Vec::new(),
                     control_plane: None,
+                    replica_timeout: std::time::Duration::from_millis(replica_timeout_ms),
                 },
-                None => {
+                true => {
                     services::attach_target(
                         &control_plane_url(&cli.control_plane, &config),
                         &volume,
+                        std::time::Duration::from_millis(replica_timeout_ms),
                     )
                     .await?
                 }

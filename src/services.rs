@@ -153,9 +153,15 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
     }
 }
 
+/// How often the host agent tries to bring back a replica that is out.
+const REPAIR_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Where the host agent finds the volume and how it encrypts it.
 pub struct AttachTarget {
-    pub block_server: String,
+    /// The block servers holding the volume's replicas.
+    pub replicas: Vec<String>,
+    /// How long a replica may take to answer before it is marked out.
+    pub replica_timeout: std::time::Duration,
     pub wrapped_key: Option<String>,
     pub fetch_endpoints: Vec<String>,
     /// Asked again for transform workers when none answers.
@@ -163,14 +169,19 @@ pub struct AttachTarget {
 }
 
 /// Asks the control plane how to serve an attached volume.
-pub async fn attach_target(control_plane: &str, volume: &VolumeId) -> anyhow::Result<AttachTarget> {
+pub async fn attach_target(
+    control_plane: &str,
+    volume: &VolumeId,
+    replica_timeout: std::time::Duration,
+) -> anyhow::Result<AttachTarget> {
     let cp = ControlPlaneClient::new(control_plane);
     let info = cp
         .attach_info(volume)
         .await
         .with_context(|| format!("cannot get the attachment of {volume}"))?;
     Ok(AttachTarget {
-        block_server: info.block_server,
+        replicas: info.replicas,
+        replica_timeout,
         wrapped_key: info.wrapped_key,
         fetch_endpoints: info.fetch_endpoints,
         control_plane: Some(cp),
@@ -202,15 +213,22 @@ pub async fn attach(
         }
         None => None,
     };
-    let client =
-        Arc::new(blockfleet_core::blockproto::BlockClient::connect(&target.block_server).await?);
+    let replicas = Arc::new(
+        blockfleet_core::blockproto::ReplicatedVolume::open(
+            volume.clone(),
+            &target.replicas,
+            target.replica_timeout,
+        )
+        .await
+        .with_context(|| format!("cannot open {volume} on {}", target.replicas.join(", ")))?,
+    );
+    // Replicas found behind, or failing later, are repaired while the volume serves.
+    let _repair = replicas.spawn_repair(REPAIR_EVERY);
     let fetcher =
         (!target.fetch_endpoints.is_empty() || target.control_plane.is_some()).then(|| {
             blockfleet::host_agent::Fetcher::new(target.fetch_endpoints, target.control_plane)
         });
-    let vol = blockfleet::host_agent::AgentVolume::open(client, volume.clone(), xts, fetcher)
-        .await
-        .with_context(|| format!("cannot open {volume} on {}", target.block_server))?;
+    let vol = blockfleet::host_agent::AgentVolume::open(replicas, xts, fetcher);
     let listener = bind(listen).await?;
     let vol = Arc::new(vol);
     if let Some(addr) = metrics_listen {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use blockfleet::host_agent::{self, AgentVolume};
 use blockfleet_block_server::BlockServerConfig;
-use blockfleet_core::blockproto::BlockClient;
+use blockfleet_core::blockproto::{BlockClient, ReplicatedVolume};
 use blockfleet_core::crypto::{Xts, XtsKey};
 use blockfleet_core::ids::VolumeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,13 +59,15 @@ async fn start_agent(
     tokio::task::JoinHandle<()>,
     Arc<AgentVolume>,
 ) {
-    let client = Arc::new(BlockClient::connect(bs_addr).await.unwrap());
+    let replicas = ReplicatedVolume::open(
+        volume.clone(),
+        &[bs_addr.to_owned()],
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     let xts = Arc::new(Xts::new(&XtsKey::from_bytes(key).unwrap()));
-    let vol = Arc::new(
-        AgentVolume::open(client, volume.clone(), Some(xts), None)
-            .await
-            .unwrap(),
-    );
+    let vol = Arc::new(AgentVolume::open(Arc::new(replicas), Some(xts), None));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("nbd://{}/{}", listener.local_addr().unwrap(), volume);
     let (tx, rx) = oneshot::channel();

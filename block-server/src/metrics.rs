@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::store::Store;
 
-pub const OPS: [&str; 16] = [
+pub const OPS: [&str; 19] = [
     "create_volume",
     "delete_volume",
     "stat_volume",
@@ -30,6 +30,9 @@ pub const OPS: [&str; 16] = [
     "release_mark",
     "unhydrated_chunks",
     "mark_resume",
+    "chunk_versions",
+    "reset_chunks",
+    "put_chunk",
 ];
 
 /// Index of a request's operation in [`OPS`].
@@ -51,6 +54,9 @@ pub fn op_index(req: &Request) -> usize {
         Request::ReleaseMark { .. } => 13,
         Request::UnhydratedChunks { .. } => 14,
         Request::MarkResume { .. } => 15,
+        Request::ChunkVersions { .. } => 16,
+        Request::ResetChunks { .. } => 17,
+        Request::PutChunk { .. } => 18,
     }
 }
 

@@ -225,9 +225,9 @@ impl Store {
     pub async fn handle(&self, req: Request) -> Result<Response, OpError> {
         let op = op_index(&req);
         let written = match &req {
-            Request::Write { data, .. } | Request::WriteIfUnwritten { data, .. } => {
-                data.len() as u64
-            }
+            Request::Write { data, .. }
+            | Request::WriteIfUnwritten { data, .. }
+            | Request::PutChunk { data, .. } => data.len() as u64,
             _ => 0,
         };
         let started = std::time::Instant::now();
@@ -309,11 +309,13 @@ impl Store {
                 self.volume(&volume)?.pause(self.pause_timeout).await?;
                 Response::Done
             }
-            Request::Mark { volume } => {
+            Request::Mark { volume, id } => {
                 let vol = self.volume(&volume)?;
                 let meta = &self.meta;
                 let id = vol
-                    .mark(|rec| meta.put_volume_unsynced(&volume, &rec).map_err(meta_err))
+                    .mark(id, |rec| {
+                        meta.put_volume_unsynced(&volume, &rec).map_err(meta_err)
+                    })
                     .await?;
                 self.metrics.marks.fetch_add(1, Ordering::Relaxed);
                 Response::MarkId(id)
@@ -322,11 +324,13 @@ impl Store {
                 self.volume(&volume)?.resume().await?;
                 Response::Done
             }
-            Request::MarkResume { volume } => {
+            Request::MarkResume { volume, id } => {
                 let vol = self.volume(&volume)?;
                 let meta = &self.meta;
                 let marked = vol
-                    .mark(|rec| meta.put_volume_unsynced(&volume, &rec).map_err(meta_err))
+                    .mark(id, |rec| {
+                        meta.put_volume_unsynced(&volume, &rec).map_err(meta_err)
+                    })
                     .await;
                 // Resumed whatever the mark did: a paused volume stalls its instance.
                 let resumed = vol.resume().await;
@@ -360,6 +364,29 @@ impl Store {
                 from,
                 limit,
             } => Response::Chunks(self.volume(&volume)?.unhydrated_chunks(from, limit)),
+            Request::ChunkVersions {
+                volume,
+                mark,
+                from,
+                limit,
+            } => Response::Chunks(self.volume(&volume)?.chunk_versions(mark, from, limit)?),
+            Request::ResetChunks { volume, chunks } => {
+                self.volume(&volume)?.reset_chunks(&chunks).await?;
+                self.flush().await?;
+                Response::Done
+            }
+            Request::PutChunk {
+                volume,
+                chunk,
+                expect,
+                info,
+                data,
+            } => {
+                self.volume(&volume)?
+                    .put_chunk(chunk, expect, info, data)
+                    .await?;
+                Response::Done
+            }
         })
     }
 

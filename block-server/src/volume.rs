@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use blockfleet_core::blockproto::wire::MAX_IO;
+use blockfleet_core::blockproto::wire::{MAX_CHUNK_LIST, MAX_IO};
 use blockfleet_core::blockproto::{ChunkInfo, ErrorCode, VolumeStat};
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::units::{
@@ -69,6 +69,16 @@ fn info(m: &ChunkMeta) -> ChunkInfo {
         hydrated: m.hydrated,
         user_written: m.user_written,
         generation: m.generation,
+        last_epoch: m.last_epoch,
+    }
+}
+
+fn meta_of(i: &ChunkInfo) -> ChunkMeta {
+    ChunkMeta {
+        hydrated: i.hydrated,
+        user_written: i.user_written,
+        generation: i.generation,
+        last_epoch: i.last_epoch,
     }
 }
 
@@ -409,7 +419,7 @@ impl Volume {
                         st.chunks[c as usize],
                     )
                 };
-                if meta.generation > 0 {
+                if info(&meta).has_data() {
                     let file = Arc::clone(&self.file);
                     blocking(move || {
                         let mut buf = vec![0u8; CHUNK as usize];
@@ -509,9 +519,9 @@ impl Volume {
         })
         .await?;
         let mut st = lock(&self.state);
-        let m = &mut st.chunks[chunk as usize];
-        m.hydrated = true;
-        m.generation += 1;
+        // Hydration changes no version's order: a replica that missed it differs only in
+        // `hydrated`, which `ChunkInfo::version` counts.
+        st.chunks[chunk as usize].hydrated = true;
         st.dirty_chunks.insert(chunk);
         self.dirty.store(true, Ordering::Release);
         Ok(skip)
@@ -586,8 +596,11 @@ impl Volume {
     /// a snapshot completes. A crash before that loses the mark anyway (marks do not survive
     /// a restart) and fails its snapshot; the unclean restart's `unclean_epoch` then makes the
     /// next change list whole, so a reused mark id cannot hide a change.
+    /// `want`: the mark id (0: the next one); replicas of a volume take the same ids, so it
+    /// must be above every mark this volume has seen.
     pub async fn mark(
         &self,
+        want: u64,
         persist: impl FnOnce(VolumeRecord) -> Result<(), OpError>,
     ) -> Result<u64, OpError> {
         let mut slot = self.pause.lock().await;
@@ -605,7 +618,19 @@ impl Volume {
                 ),
             ));
         }
-        let id = st.epoch + 1;
+        let id = match want {
+            0 => st.epoch + 1,
+            w if w > st.epoch => w,
+            w => {
+                return Err(op_err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "mark {w} is not above mark {} that {} has seen",
+                        st.epoch, self.id
+                    ),
+                ))
+            }
+        };
         let cow_path = self.dir.join(format!("cow-{id}"));
         let cow_file = OpenOptions::new()
             .create(true)
@@ -642,15 +667,18 @@ impl Volume {
         })
     }
 
-    /// A chunk as it was at the open mark `mark`.
+    /// A chunk as it was at the open mark `mark` (0: as it is now).
     pub async fn read_mark(&self, mark: u64, chunk: u64) -> Result<(ChunkInfo, Bytes), OpError> {
         self.check_chunk(chunk)?;
         let _stripe = self.lock_stripes(chunk..chunk + 1).await;
         let (meta, file, offset) = {
             let st = lock(&self.state);
-            let m = self.open_mark(&st, mark)?;
-            match m.cow.get(&chunk) {
-                Some((meta, slot)) => (*meta, Arc::clone(&m.cow_file), slot * CHUNK),
+            let cow = match mark {
+                0 => None,
+                m => Some(self.open_mark(&st, m)?),
+            };
+            match cow.and_then(|m| m.cow.get(&chunk).map(|c| (m, c))) {
+                Some((m, (meta, slot))) => (*meta, Arc::clone(&m.cow_file), slot * CHUNK),
                 None => (
                     st.chunks[chunk as usize],
                     Arc::clone(&self.file),
@@ -658,7 +686,7 @@ impl Volume {
                 ),
             }
         };
-        if meta.generation == 0 {
+        if !info(&meta).has_data() {
             return Ok((info(&meta), Bytes::from(vec![0u8; CHUNK as usize])));
         }
         let data = blocking(move || {
@@ -703,10 +731,99 @@ impl Volume {
             .enumerate()
             .filter_map(|(c, now)| {
                 let at = cow.and_then(|m| m.get(&(c as u64))).map_or(now, |(m, _)| m);
-                // Hydration bumps the generation but not the epoch: it changes no content.
-                (at.generation > 0 && (base == 0 || at.last_epoch >= base)).then_some(c as u64)
+                // Hydration sets no epoch: it changes no content.
+                (info(at).has_data() && (base == 0 || at.last_epoch >= base)).then_some(c as u64)
             })
             .collect())
+    }
+
+    /// Versions (`ChunkInfo::version`) of chunks `from..from+limit` at mark `mark` (0: now).
+    pub fn chunk_versions(&self, mark: u64, from: u64, limit: u32) -> Result<Vec<u64>, OpError> {
+        let st = lock(&self.state);
+        let cow = match mark {
+            0 => None,
+            m => Some(&self.open_mark(&st, m)?.cow),
+        };
+        let n = st.chunks.len() as u64;
+        let end = from
+            .saturating_add(u64::from(limit.min(MAX_CHUNK_LIST)))
+            .min(n);
+        Ok((from.min(end)..end)
+            .map(|c| {
+                let now = &st.chunks[c as usize];
+                let at = cow.and_then(|m| m.get(&c)).map_or(now, |(m, _)| m);
+                info(at).version()
+            })
+            .collect())
+    }
+
+    /// Forgets the state of `chunks` (a rejoining replica's missed chunks) until repair puts
+    /// them; open marks keep their view. Durable with the caller's flush.
+    pub async fn reset_chunks(&self, chunks: &[u64]) -> Result<(), OpError> {
+        for &c in chunks {
+            self.check_chunk(c)?;
+        }
+        let _gate = self.gate.read().await;
+        for &c in chunks {
+            let _stripe = self.lock_stripes(c..c + 1).await;
+            self.copy_on_write(c..c + 1).await?;
+            let mut st = lock(&self.state);
+            st.chunks[c as usize] = ChunkMeta::default();
+            st.dirty_chunks.insert(c);
+        }
+        Ok(())
+    }
+
+    /// Sets chunk `chunk` to `data` (empty: zeros) with state `to` (repair from a replica);
+    /// with `expect` not `u64::MAX`, only if the chunk is at that version now.
+    pub async fn put_chunk(
+        &self,
+        chunk: u64,
+        expect: u64,
+        to: ChunkInfo,
+        data: Bytes,
+    ) -> Result<(), OpError> {
+        self.check_chunk(chunk)?;
+        if !data.is_empty() && data.len() as u64 != CHUNK {
+            return Err(op_err(
+                ErrorCode::BadRequest,
+                format!(
+                    "PutChunk takes a whole chunk of {CHUNK} bytes (or none, for zeros), got {}",
+                    data.len()
+                ),
+            ));
+        }
+        let _gate = self.gate.read().await;
+        let _stripe = self.lock_stripes(chunk..chunk + 1).await;
+        let now = info(&lock(&self.state).chunks[chunk as usize]);
+        if expect != u64::MAX && now.version() != expect {
+            return Err(op_err(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "chunk {chunk} of {} is at version {}, not {expect}",
+                    self.id,
+                    now.version()
+                ),
+            ));
+        }
+        self.copy_on_write(chunk..chunk + 1).await?;
+        let file = Arc::clone(&self.file);
+        blocking(move || {
+            let zeros;
+            let bytes: &[u8] = if data.is_empty() {
+                zeros = vec![0u8; CHUNK as usize];
+                &zeros
+            } else {
+                &data
+            };
+            file.write_all_at(bytes, chunk * CHUNK)
+        })
+        .await?;
+        let mut st = lock(&self.state);
+        st.chunks[chunk as usize] = meta_of(&to);
+        st.dirty_chunks.insert(chunk);
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// For a flush: fdatasyncs the extent if written since the last sync, and hands over the

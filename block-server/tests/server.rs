@@ -383,7 +383,7 @@ async fn marks_give_exact_point_in_time_reads_under_concurrent_writes() {
     c.pause(&v).await.unwrap();
     // Paused: no write is acknowledged, so what is on the volume now is the cut.
     let cut = c.read(&v, 0, (chunks * CHUNK) as u32).await.unwrap();
-    let mark = c.mark(&v).await.unwrap();
+    let mark = c.mark(&v, 0).await.unwrap();
     c.resume(&v).await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -417,7 +417,7 @@ async fn marks_give_exact_point_in_time_reads_under_concurrent_writes() {
     // MarkResume: a cut and a resume in one request; writes go on at once.
     c.pause(&v).await.unwrap();
     let cut = c.read(&v, 0, (chunks * CHUNK) as u32).await.unwrap();
-    let m2 = c.mark_resume(&v).await.unwrap();
+    let m2 = c.mark_resume(&v, 0).await.unwrap();
     assert!(m2 > mark);
     c.write(&v, 0, Bytes::from(pattern(0, 99)), true)
         .await
@@ -427,11 +427,11 @@ async fn marks_give_exact_point_in_time_reads_under_concurrent_writes() {
     // With every mark slot taken, the mark fails but the volume is resumed anyway.
     let mut extra = Vec::new();
     for _ in 1..blockfleet_block_server::volume::MAX_MARKS {
-        extra.push(c.mark(&v).await.unwrap());
+        extra.push(c.mark(&v, 0).await.unwrap());
     }
     c.pause(&v).await.unwrap();
     assert_eq!(
-        c.mark_resume(&v).await.unwrap_err().code(),
+        c.mark_resume(&v, 0).await.unwrap_err().code(),
         Some(ErrorCode::MarkOpen)
     );
     assert_eq!(
@@ -452,11 +452,11 @@ async fn several_open_marks_each_keep_their_cut() {
     c.create_volume(&v, 4 * CHUNK, false).await.unwrap();
     let write = |u: u64, tag: u8| c.write(&v, u * SECTOR, Bytes::from(pattern(u, tag)), false);
     write(0, 1).await.unwrap();
-    let m1 = c.mark(&v).await.unwrap();
+    let m1 = c.mark(&v, 0).await.unwrap();
     let at1 = c.read(&v, 0, (4 * CHUNK) as u32).await.unwrap();
     write(0, 2).await.unwrap();
     write(200, 2).await.unwrap();
-    let m2 = c.mark(&v).await.unwrap();
+    let m2 = c.mark(&v, 0).await.unwrap();
     let at2 = c.read(&v, 0, (4 * CHUNK) as u32).await.unwrap();
     write(0, 3).await.unwrap();
     write(200, 3).await.unwrap();
@@ -491,10 +491,10 @@ async fn changed_chunk_lists() {
     let w = |chunk: u64| c.write(&v, chunk * CHUNK, Bytes::from(pattern(chunk, 1)), false);
     w(1).await.unwrap();
     w(2).await.unwrap();
-    let m1 = c.mark(&v).await.unwrap();
+    let m1 = c.mark(&v, 0).await.unwrap();
     c.release_mark(&v, m1).await.unwrap();
     w(3).await.unwrap();
-    let m2 = c.mark(&v).await.unwrap();
+    let m2 = c.mark(&v, 0).await.unwrap();
     w(4).await.unwrap();
     w(3).await.unwrap(); // rewritten after m2: still changed between m1 and m2
     assert_eq!(c.list_changed_chunks(&v, m1, m2).await.unwrap(), vec![3]);
@@ -538,7 +538,7 @@ async fn a_pause_not_resumed_in_time_resumes_and_drops_its_mark() {
         c.pause(&v).await.unwrap_err().code(),
         Some(ErrorCode::AlreadyPaused)
     );
-    let mark = c.mark(&v).await.unwrap();
+    let mark = c.mark(&v, 0).await.unwrap();
     // A write issued while paused is held back, then goes through when the pause times out.
     let started = std::time::Instant::now();
     c.write(&v, 0, Bytes::from(pattern(0, 3)), true)

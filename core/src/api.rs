@@ -179,7 +179,8 @@ pub struct InstancesReply {
 pub struct AttachInfo {
     pub volume_id: VolumeId,
     pub size: u64,
-    pub block_server: String,
+    /// The block servers holding the volume's replicas.
+    pub replicas: Vec<String>,
     pub encrypted: bool,
     pub kms_key_id: Option<String>,
     /// The KMS-wrapped data key, hex.
@@ -321,7 +322,7 @@ pub enum JobSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceVolume {
     pub volume_id: VolumeId,
-    pub block_server: String,
+    pub replicas: Vec<String>,
     pub size: u64,
     pub mark: u64,
     /// Hex; absent for an unencrypted volume.
@@ -332,7 +333,7 @@ pub struct SourceVolume {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobTarget {
     pub volume_id: VolumeId,
-    pub block_server: String,
+    pub replicas: Vec<String>,
     pub size: u64,
     pub kms_key_id: Option<String>,
     /// Hex; absent for an unencrypted volume.

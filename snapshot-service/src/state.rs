@@ -70,8 +70,8 @@ pub struct SnapshotRecord {
     pub set_id: String,
     pub volume_id: VolumeId,
     pub volume_size: u64,
-    /// Where and at which mark the volume was cut.
-    pub block_server: String,
+    /// Where (the volume's replicas) and at which mark the volume was cut.
+    pub replicas: Vec<String>,
     pub mark: u64,
     /// The previous snapshot and its mark: only chunks changed since are read.
     pub base: Option<(SnapshotId, u64)>,

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use blockfleet_core::api::{ControlPlaneClient, FetchReply, FetchRequest};
-use blockfleet_core::blockproto::{BlockClient, ClientError, ErrorCode};
+use blockfleet_core::blockproto::{ClientError, ErrorCode, Health, ReplicatedVolume};
 use blockfleet_core::crypto::Xts;
 use blockfleet_core::httpjson::{HttpError, JsonClient};
 use blockfleet_core::ids::VolumeId;
@@ -50,6 +50,8 @@ pub const OPS: [&str; 7] = [
 /// The agent's metrics: per-operation counts, errors and latency, bytes, connections.
 #[derive(Debug)]
 pub struct AgentMetrics {
+    /// The replica set, for its health and repair counters.
+    replicas: Arc<ReplicatedVolume>,
     pub ops: OpMetrics<{ OPS.len() }>,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
@@ -57,8 +59,9 @@ pub struct AgentMetrics {
 }
 
 impl AgentMetrics {
-    fn new() -> Self {
+    fn new(replicas: Arc<ReplicatedVolume>) -> Self {
         AgentMetrics {
+            replicas,
             ops: OpMetrics::new(OPS),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
@@ -88,7 +91,60 @@ impl AgentMetrics {
             "NBD connections accepted.",
             &self.connections,
         );
+        self.render_replicas(&mut out);
         out
+    }
+
+    fn render_replicas(&self, out: &mut String) {
+        use std::fmt::Write;
+        let r = &self.replicas;
+        let _ = writeln!(
+            out,
+            "# HELP blockfleet_agent_replica_state Replica health: 2 in sync, 1 repairing, 0 out.\n# TYPE blockfleet_agent_replica_state gauge"
+        );
+        let status = r.status();
+        for s in &status {
+            let v = match s.health {
+                Health::InSync => 2,
+                Health::Repairing => 1,
+                Health::Out => 0,
+            };
+            let _ = writeln!(
+                out,
+                "blockfleet_agent_replica_state{{replica=\"{}\"}} {v}",
+                s.addr
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP blockfleet_agent_replica_repair_remaining_chunks Chunks a rejoining replica still needs.\n# TYPE blockfleet_agent_replica_repair_remaining_chunks gauge"
+        );
+        for s in &status {
+            let _ = writeln!(
+                out,
+                "blockfleet_agent_replica_repair_remaining_chunks{{replica=\"{}\"}} {}",
+                s.addr,
+                s.repair_total.saturating_sub(s.repair_done)
+            );
+        }
+        counter(
+            out,
+            "blockfleet_agent_replica_failures_total",
+            "Replicas marked out after an error or a timeout.",
+            &r.metrics.failures,
+        );
+        counter(
+            out,
+            "blockfleet_agent_repair_bytes_total",
+            "Bytes copied to rejoining replicas.",
+            &r.metrics.repair_bytes,
+        );
+        counter(
+            out,
+            "blockfleet_agent_repairs_total",
+            "Replicas brought back in sync.",
+            &r.metrics.repairs,
+        );
     }
 }
 
@@ -171,7 +227,7 @@ impl Fetcher {
 #[derive(Debug)]
 pub struct AgentVolume {
     pub metrics: AgentMetrics,
-    client: Arc<BlockClient>,
+    client: Arc<ReplicatedVolume>,
     volume: VolumeId,
     size: u64,
     xts: Option<Arc<Xts>>,
@@ -180,29 +236,33 @@ pub struct AgentVolume {
 }
 
 impl AgentVolume {
-    pub async fn open(
-        client: Arc<BlockClient>,
-        volume: VolumeId,
+    /// Serves the volume whose replicas `client` holds.
+    pub fn open(
+        client: Arc<ReplicatedVolume>,
         xts: Option<Arc<Xts>>,
         fetcher: Option<Fetcher>,
-    ) -> Result<Self, ClientError> {
-        let size = client.stat_volume(&volume).await?.size;
-        Ok(AgentVolume {
-            metrics: AgentMetrics::new(),
+    ) -> Self {
+        AgentVolume {
+            metrics: AgentMetrics::new(Arc::clone(&client)),
+            volume: client.volume().clone(),
+            size: client.size(),
             client,
-            volume,
-            size,
             xts,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             fetcher,
-        })
+        }
+    }
+
+    /// The replica set under this volume.
+    pub fn replicas(&self) -> &Arc<ReplicatedVolume> {
+        &self.client
     }
 
     /// Reads ciphertext; a range that touches chunks not hydrated yet has them fetched on
     /// demand first (then the block server holds the snapshot's data or the user's writes).
     async fn read_raw(&self, at: u64, n: u64) -> Result<Bytes, Errno> {
         for _ in 0..3 {
-            match self.client.read(&self.volume, at, n as u32).await {
+            match self.client.read(at, n as u32).await {
                 Ok(d) => return Ok(d),
                 Err(e) if e.code() == Some(ErrorCode::NotHydrated) => {
                     let Some(f) = &self.fetcher else {
@@ -211,11 +271,7 @@ impl AgentVolume {
                     };
                     let mut missing = Vec::new();
                     for c in at / CHUNK..(at + n).div_ceil(CHUNK) {
-                        let info = self
-                            .client
-                            .chunk_state(&self.volume, c)
-                            .await
-                            .map_err(errno)?;
+                        let info = self.client.chunk_state(c).await.map_err(errno)?;
                         if !info.hydrated {
                             missing.push(c);
                         }
@@ -286,7 +342,7 @@ impl AgentVolume {
             let last = at + n == data.len() as u64;
             let piece = data.slice(at as usize..(at + n) as usize);
             self.client
-                .write(&self.volume, first * UNIT + at, piece, fua && last)
+                .write(first * UNIT + at, piece, fua && last)
                 .await
                 .map_err(errno)?;
             at += n;
@@ -341,6 +397,6 @@ impl AgentVolume {
     }
 
     pub async fn flush(&self) -> Result<(), Errno> {
-        self.client.flush(&self.volume).await.map_err(errno)
+        self.client.flush().await.map_err(errno)
     }
 }

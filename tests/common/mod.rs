@@ -10,10 +10,11 @@ use std::process::{Child, Command, Output, Stdio};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use blockfleet::host_agent::{AgentVolume, Fetcher};
 use blockfleet_core::api::{AttachVolumeRequest, ControlPlaneClient, CreateVolumeRequest, Volume};
-use blockfleet_core::blockproto::BlockClient;
+use blockfleet_core::blockproto::ReplicatedVolume;
 use blockfleet_core::config::{KmsClientConfig, Secret};
 use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::InstanceId;
@@ -274,10 +275,13 @@ secret_access_key = "host-secret-0123"
         };
         let fetcher =
             fetch.then(|| Fetcher::new(info.fetch_endpoints.clone(), Some(self.cp.clone())));
-        let client = Arc::new(BlockClient::connect(&info.block_server).await.unwrap());
-        AgentVolume::open(client, volume.clone(), xts, fetcher)
-            .await
-            .unwrap()
+        let replicas = Arc::new(
+            ReplicatedVolume::open(volume.clone(), &info.replicas, Duration::from_secs(2))
+                .await
+                .unwrap(),
+        );
+        replicas.spawn_repair(Duration::from_millis(200));
+        AgentVolume::open(replicas, xts, fetcher)
     }
 
     /// kill -9 of the control plane, then a new one on the same address and state.

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use blockfleet_core::api::{Job, JobSource, JobTarget};
-use blockfleet_core::blockproto::{BlockClient, BlockPool, ClientError, ErrorCode};
+use blockfleet_core::blockproto::{BlockPool, ClientError, ErrorCode, ReplicatedVolume};
 use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::kms::{Kms, KmsError};
@@ -47,10 +47,28 @@ fn block_error(addr: &str, e: &ClientError) -> JobError {
     JobError::Retry(format!("block server {addr}: {e}"))
 }
 
+/// How long a block server may take to answer before its replica counts as out for this job.
+const REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The replicas of `volume` as one volume, over the pool's connections.
+async fn replicas(
+    pool: &BlockPool,
+    volume: &VolumeId,
+    addrs: &[String],
+) -> Result<ReplicatedVolume, ClientError> {
+    let clients = futures::future::join_all(
+        addrs
+            .iter()
+            .map(|a| async move { (a.clone(), pool.get(a).await) }),
+    )
+    .await;
+    ReplicatedVolume::from_clients(volume.clone(), clients, REPLICA_TIMEOUT).await
+}
+
 pub struct Target {
     pub volume: VolumeId,
     pub addr: String,
-    client: Arc<BlockClient>,
+    client: ReplicatedVolume,
     xts: Option<Xts>,
     chunks: u64,
 }
@@ -70,11 +88,11 @@ enum Source {
         manifest: Manifest,
         archive: Archive,
     },
-    /// A volume as it was at `mark`, read from its block server.
+    /// A volume as it was at `mark`, read from its replicas.
     Volume {
         volume: VolumeId,
         addr: String,
-        client: Arc<BlockClient>,
+        client: ReplicatedVolume,
         mark: u64,
         chunks: u64,
     },
@@ -148,13 +166,13 @@ impl JobContext {
                     Some(w) => Some(unwrap_key(kms, w, volume_id).await?),
                     None => None,
                 };
-                let client = pool
-                    .get(&sv.block_server)
+                let addr = sv.replicas.join(",");
+                let client = replicas(pool, volume_id, &sv.replicas)
                     .await
-                    .map_err(|e| block_error(&sv.block_server, &e))?;
+                    .map_err(|e| block_error(&addr, &e))?;
                 let source = Source::Volume {
                     volume: volume_id.clone(),
-                    addr: sv.block_server.clone(),
+                    addr,
                     client,
                     mark: *mark,
                     chunks: chunk_count(sv.size),
@@ -180,13 +198,13 @@ impl JobContext {
             Some(w) => Some(unwrap_key(kms, w, &t.volume_id).await?),
             None => None,
         };
-        let client = pool
-            .get(&t.block_server)
+        let addr = t.replicas.join(",");
+        let client = replicas(pool, &t.volume_id, &t.replicas)
             .await
-            .map_err(|e| block_error(&t.block_server, &e))?;
+            .map_err(|e| block_error(&addr, &e))?;
         Ok(Target {
             volume: t.volume_id.clone(),
-            addr: t.block_server.clone(),
+            addr,
             client,
             xts,
             chunks: chunk_count(t.size),
@@ -234,7 +252,7 @@ impl JobContext {
                     return Ok(None);
                 }
                 let (info, data) = client
-                    .read_mark(volume, *mark, c)
+                    .read_mark(*mark, c)
                     .await
                     .map_err(|e| match e.code() {
                         Some(ErrorCode::NoSuchMark) | Some(ErrorCode::NoSuchVolume) => {
@@ -244,7 +262,7 @@ impl JobContext {
                         }
                         _ => block_error(addr, &e),
                     })?;
-                if info.generation == 0 {
+                if !info.has_data() {
                     return Ok(None);
                 }
                 data
@@ -296,11 +314,7 @@ impl JobContext {
         let writes = which.iter().zip(payloads).map(|(&t, data)| {
             let target = &self.targets[t];
             async move {
-                match target
-                    .client
-                    .write_if_unwritten(&target.volume, c, data)
-                    .await
-                {
+                match target.client.write_if_unwritten(c, data).await {
                     Ok(_) => {
                         self.metrics.chunks_written.fetch_add(1, Ordering::Relaxed);
                         Ok(())
@@ -323,7 +337,7 @@ impl JobContext {
         for (i, t) in self.targets.iter().enumerate() {
             let mut from = 0;
             loop {
-                let page = match t.client.unhydrated_chunks(&t.volume, from, 65536).await {
+                let page = match t.client.unhydrated_chunks(from, 65536).await {
                     Ok(p) => p,
                     Err(e) if e.code() == Some(ErrorCode::NoSuchVolume) => break,
                     Err(e) => return Err(block_error(&t.addr, &e)),
@@ -341,7 +355,7 @@ impl JobContext {
     /// Makes the targets' hydration durable.
     pub async fn flush(&self) -> Result<(), JobError> {
         for t in &self.targets {
-            match t.client.flush(&t.volume).await {
+            match t.client.flush().await {
                 Ok(()) => {}
                 Err(e) if e.code() == Some(ErrorCode::NoSuchVolume) => {}
                 Err(e) => return Err(block_error(&t.addr, &e)),

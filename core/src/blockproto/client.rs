@@ -32,6 +32,14 @@ pub enum ClientError {
     Server { code: ErrorCode, message: String },
     #[error("connection to block server {addr} lost: {reason}")]
     ConnectionLost { addr: String, reason: String },
+    /// Too few replicas of a volume answered for the request to be safe.
+    #[error("{volume}: {have} of the {need} replicas needed answered: {detail}")]
+    Quorum {
+        volume: String,
+        have: usize,
+        need: usize,
+        detail: String,
+    },
     #[error("block server sent {got} in reply to {request}")]
     UnexpectedReply {
         request: &'static str,
@@ -386,10 +394,12 @@ impl BlockClient {
         .await
     }
 
-    pub async fn mark(&self, volume: &VolumeId) -> Result<u64, ClientError> {
+    /// Takes mark `id` (0: the server picks the next id).
+    pub async fn mark(&self, volume: &VolumeId, id: u64) -> Result<u64, ClientError> {
         match self
             .call(Request::Mark {
                 volume: volume.clone(),
+                id,
             })
             .await?
         {
@@ -399,10 +409,11 @@ impl BlockClient {
     }
 
     /// Marks a paused volume and resumes it in one round trip (resumed even if the mark fails).
-    pub async fn mark_resume(&self, volume: &VolumeId) -> Result<u64, ClientError> {
+    pub async fn mark_resume(&self, volume: &VolumeId, id: u64) -> Result<u64, ClientError> {
         match self
             .call(Request::MarkResume {
                 volume: volume.clone(),
+                id,
             })
             .await?
         {
@@ -468,6 +479,68 @@ impl BlockClient {
             "ReleaseMark",
         )
         .await
+    }
+
+    /// Versions of chunks `from..from+limit` at mark `mark` (0: now).
+    pub async fn chunk_versions(
+        &self,
+        volume: &VolumeId,
+        mark: u64,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<u64>, ClientError> {
+        match self
+            .call(Request::ChunkVersions {
+                volume: volume.clone(),
+                mark,
+                from,
+                limit,
+            })
+            .await?
+        {
+            Response::Chunks(c) => Ok(c),
+            other => Err(unexpected("ChunkVersions", &other)),
+        }
+    }
+
+    pub async fn reset_chunks(
+        &self,
+        volume: &VolumeId,
+        chunks: Vec<u64>,
+    ) -> Result<(), ClientError> {
+        self.done(
+            Request::ResetChunks {
+                volume: volume.clone(),
+                chunks,
+            },
+            "ResetChunks",
+        )
+        .await
+    }
+
+    pub async fn put_chunk(
+        &self,
+        volume: &VolumeId,
+        chunk: u64,
+        expect: u64,
+        info: ChunkInfo,
+        data: Bytes,
+    ) -> Result<(), ClientError> {
+        self.done(
+            Request::PutChunk {
+                volume: volume.clone(),
+                chunk,
+                expect,
+                info,
+                data,
+            },
+            "PutChunk",
+        )
+        .await
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
     }
 
     async fn done(&self, req: Request, name: &'static str) -> Result<(), ClientError> {

@@ -6,11 +6,14 @@
 //!   order and matched by request id.
 
 //! - [`pool`]: one shared connection per block server.
+//! - [`replicas`]: a volume's replicas used as one volume: majority writes, repair, marks.
 
 pub mod client;
 pub mod pool;
+pub mod replicas;
 pub mod wire;
 
 pub use client::{BlockClient, ClientError};
 pub use pool::BlockPool;
+pub use replicas::{Health, ReplicaStatus, ReplicatedVolume};
 pub use wire::{ChunkInfo, ErrorCode, Request, Response, VolumeStat, PROTOCOL_VERSION};

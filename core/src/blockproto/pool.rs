@@ -41,6 +41,14 @@ impl BlockPool {
         Ok(c)
     }
 
+    /// Forgets the connection to `addr`.
+    pub fn forget(&self, addr: &str) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(addr);
+    }
+
     /// Forgets a connection after an error that may mean it is broken.
     pub fn forget_if_broken(&self, addr: &str, e: &ClientError) {
         if e.code().is_none() {

@@ -13,6 +13,10 @@
 //!   Pause/Mark/Resume/MarkResume/ReadMark/ListChangedChunks/ReleaseMark.
 //! - V2: lazy hydration: `NotHydrated` error, `UnhydratedChunks`, `VolumeStat.unhydrated`,
 //!   an empty `WriteIfUnwritten` hydrates a chunk as zeros.
+//! - V3: replication: `Mark`/`MarkResume` carry the mark id the client wants (0: the server
+//!   picks), `ReadMark` of mark 0 reads the live chunk, `ChunkInfo.last_epoch`,
+//!   `ChunkVersions`, `ResetChunks`, `PutChunk` and the `VersionMismatch` error; hydration no
+//!   longer bumps a chunk's generation (it sets `hydrated`).
 //!
 //! Every decoder is total: any byte string yields a message or a [`DecodeError`], never a panic.
 
@@ -21,7 +25,7 @@ use thiserror::Error;
 
 use crate::ids::VolumeId;
 
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const MAGIC: &[u8; 8] = b"BFBLOCK\0";
 /// Largest data payload of one Read or Write.
 pub const MAX_IO: u32 = 8 << 20;
@@ -62,6 +66,8 @@ pub enum ErrorCode {
     ShuttingDown = 12,
     /// A read touched units of a hydrating volume that hydration has not filled yet.
     NotHydrated = 13,
+    /// A `PutChunk` found the chunk at another version than it expected.
+    VersionMismatch = 14,
 }
 
 impl ErrorCode {
@@ -81,6 +87,7 @@ impl ErrorCode {
             11 => Io,
             12 => ShuttingDown,
             13 => NotHydrated,
+            14 => VersionMismatch,
             _ => return None,
         })
     }
@@ -132,9 +139,11 @@ pub enum Request {
     Pause {
         volume: VolumeId,
     },
-    /// Records a cut; replies with the mark id. At most one open mark per volume.
+    /// Records a cut; replies with the mark id: `id` if not 0 (it must be above every mark
+    /// the volume has seen: replicas of a volume share mark ids), else the next one.
     Mark {
         volume: VolumeId,
+        id: u64,
     },
     Resume {
         volume: VolumeId,
@@ -143,8 +152,9 @@ pub enum Request {
     /// set is paused). Resumes even when the mark fails, then reports that failure.
     MarkResume {
         volume: VolumeId,
+        id: u64,
     },
-    /// A chunk as it was at the open mark.
+    /// A chunk as it was at the open mark (mark 0: as it is now), with its state.
     ReadMark {
         volume: VolumeId,
         mark: u64,
@@ -166,7 +176,34 @@ pub enum Request {
         from: u64,
         limit: u32,
     },
+    /// [`ChunkInfo::version`] of chunks `from..from+limit` (fewer at the volume's end) as at
+    /// the open mark `mark` (0: now): how replicas tell which chunks one of them missed.
+    ChunkVersions {
+        volume: VolumeId,
+        mark: u64,
+        from: u64,
+        limit: u32,
+    },
+    /// Forgets the state of these chunks (version 0), durably: a replica rejoining marks what
+    /// it missed before it takes writes again, so no later write can make it look current.
+    ResetChunks {
+        volume: VolumeId,
+        chunks: Vec<u64>,
+    },
+    /// Sets a whole chunk and its state as another replica has them (repair). With `expect`
+    /// not `u64::MAX`, refused with `VersionMismatch` unless the chunk is at that version.
+    /// Empty `data`: zeros.
+    PutChunk {
+        volume: VolumeId,
+        chunk: u64,
+        expect: u64,
+        info: ChunkInfo,
+        data: Bytes,
+    },
 }
+
+/// Most chunks one `ChunkVersions` or `ResetChunks` covers.
+pub const MAX_CHUNK_LIST: u32 = 65536;
 
 /// Per-chunk state as the server keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -175,8 +212,23 @@ pub struct ChunkInfo {
     pub hydrated: bool,
     /// 4 KiB units the user wrote before the chunk was hydrated (bit i = unit i of the chunk).
     pub user_written: u128,
-    /// Bumped on every write to the chunk; 0 = never written.
+    /// Bumped on every user write to the chunk (hydration does not); 0 = never written.
     pub generation: u64,
+    /// The mark epoch when the user last wrote the chunk.
+    pub last_epoch: u64,
+}
+
+impl ChunkInfo {
+    /// Orders a chunk's states on the replicas of a volume: every write bumps it, so a replica
+    /// that missed a write has a lower one; at equal generations, hydrated is newer.
+    pub fn version(&self) -> u64 {
+        self.generation << 1 | u64::from(self.hydrated)
+    }
+
+    /// Whether the chunk holds anything but zeros-by-absence.
+    pub fn has_data(&self) -> bool {
+        self.generation > 0 || self.hydrated
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +276,9 @@ mod op {
     pub const RELEASE_MARK: u8 = 14;
     pub const UNHYDRATED: u8 = 15;
     pub const MARK_RESUME: u8 = 16;
+    pub const CHUNK_VERSIONS: u8 = 17;
+    pub const RESET_CHUNKS: u8 = 18;
+    pub const PUT_CHUNK: u8 = 19;
 }
 
 mod reply {
@@ -337,6 +392,14 @@ fn put_chunk_info(b: &mut BytesMut, i: &ChunkInfo) {
     b.put_u8(u8::from(i.hydrated));
     b.put_u128_le(i.user_written);
     b.put_u64_le(i.generation);
+    b.put_u64_le(i.last_epoch);
+}
+
+fn put_u64_list(b: &mut BytesMut, list: &[u64]) {
+    b.put_u32_le(list.len() as u32);
+    for c in list {
+        b.put_u64_le(*c);
+    }
 }
 
 fn chunk_info(r: &mut Reader<'_>) -> Result<ChunkInfo, DecodeError> {
@@ -344,7 +407,20 @@ fn chunk_info(r: &mut Reader<'_>) -> Result<ChunkInfo, DecodeError> {
         hydrated: r.bool("hydrated")?,
         user_written: r.u128()?,
         generation: r.u64()?,
+        last_epoch: r.u64()?,
     })
+}
+
+fn u64_list(r: &mut Reader<'_>, max: u32) -> Result<Vec<u64>, DecodeError> {
+    let n = r.u32()?;
+    if n > max {
+        return Err(DecodeError::BadField {
+            field: "list",
+            reason: format!("{n} entries, at most {max}"),
+        });
+    }
+    r.need((n as usize).saturating_mul(8))?;
+    (0..n).map(|_| r.u64()).collect()
 }
 
 /// Prefixes a frame body with its length.
@@ -396,9 +472,9 @@ impl Request {
     /// WriteIfUnwritten) is a separate buffer, so large writes are sent without a copy.
     pub fn encode_parts(&self, id: u64) -> (Bytes, Option<Bytes>) {
         let payload = match self {
-            Request::Write { data, .. } | Request::WriteIfUnwritten { data, .. } => {
-                Some(data.clone())
-            }
+            Request::Write { data, .. }
+            | Request::WriteIfUnwritten { data, .. }
+            | Request::PutChunk { data, .. } => Some(data.clone()),
             _ => None,
         };
         let head = self.encode_head(id);
@@ -479,17 +555,19 @@ impl Request {
                 b.put_u8(op::PAUSE);
                 put_volume(&mut b, volume);
             }
-            Request::Mark { volume } => {
+            Request::Mark { volume, id } => {
                 b.put_u8(op::MARK);
                 put_volume(&mut b, volume);
+                b.put_u64_le(*id);
             }
             Request::Resume { volume } => {
                 b.put_u8(op::RESUME);
                 put_volume(&mut b, volume);
             }
-            Request::MarkResume { volume } => {
+            Request::MarkResume { volume, id } => {
                 b.put_u8(op::MARK_RESUME);
                 put_volume(&mut b, volume);
+                b.put_u64_le(*id);
             }
             Request::ReadMark {
                 volume,
@@ -525,6 +603,37 @@ impl Request {
                 put_volume(&mut b, volume);
                 b.put_u64_le(*from);
                 b.put_u32_le(*limit);
+            }
+            Request::ChunkVersions {
+                volume,
+                mark,
+                from,
+                limit,
+            } => {
+                b.put_u8(op::CHUNK_VERSIONS);
+                put_volume(&mut b, volume);
+                b.put_u64_le(*mark);
+                b.put_u64_le(*from);
+                b.put_u32_le(*limit);
+            }
+            Request::ResetChunks { volume, chunks } => {
+                b.put_u8(op::RESET_CHUNKS);
+                put_volume(&mut b, volume);
+                put_u64_list(&mut b, chunks);
+            }
+            Request::PutChunk {
+                volume,
+                chunk,
+                expect,
+                info,
+                data,
+            } => {
+                b.put_u8(op::PUT_CHUNK);
+                put_volume(&mut b, volume);
+                b.put_u64_le(*chunk);
+                b.put_u64_le(*expect);
+                put_chunk_info(&mut b, info);
+                b.put_u32_le(data.len() as u32);
             }
         }
         b
@@ -590,12 +699,14 @@ impl Request {
             },
             op::MARK => Request::Mark {
                 volume: r.volume()?,
+                id: r.u64()?,
             },
             op::RESUME => Request::Resume {
                 volume: r.volume()?,
             },
             op::MARK_RESUME => Request::MarkResume {
                 volume: r.volume()?,
+                id: r.u64()?,
             },
             op::READ_MARK => Request::ReadMark {
                 volume: r.volume()?,
@@ -615,6 +726,23 @@ impl Request {
                 volume: r.volume()?,
                 from: r.u64()?,
                 limit: r.u32()?,
+            },
+            op::CHUNK_VERSIONS => Request::ChunkVersions {
+                volume: r.volume()?,
+                mark: r.u64()?,
+                from: r.u64()?,
+                limit: r.u32()?,
+            },
+            op::RESET_CHUNKS => Request::ResetChunks {
+                volume: r.volume()?,
+                chunks: u64_list(&mut r, MAX_CHUNK_LIST)?,
+            },
+            op::PUT_CHUNK => Request::PutChunk {
+                volume: r.volume()?,
+                chunk: r.u64()?,
+                expect: r.u64()?,
+                info: chunk_info(&mut r)?,
+                data: r.data()?,
             },
             other => return Err(DecodeError::UnknownOpcode(other)),
         };
@@ -669,10 +797,7 @@ pub fn encode_response(id: u64, result: &Result<Response, (ErrorCode, String)>) 
                 }
                 Response::Chunks(list) => {
                     b.put_u8(reply::CHUNKS);
-                    b.put_u32_le(list.len() as u32);
-                    for c in list {
-                        b.put_u64_le(*c);
-                    }
+                    put_u64_list(&mut b, list);
                 }
             }
         }
@@ -720,11 +845,7 @@ fn decode_response_from(mut r: Reader<'_>) -> Result<DecodedResponse, DecodeErro
             info: chunk_info(&mut r)?,
             data: r.data()?,
         },
-        reply::CHUNKS => {
-            let n = r.u32()? as usize;
-            r.need(n.saturating_mul(8))?;
-            Response::Chunks((0..n).map(|_| r.u64()).collect::<Result<_, _>>()?)
-        }
+        reply::CHUNKS => Response::Chunks(u64_list(&mut r, u32::MAX)?),
         other => {
             return Err(DecodeError::BadField {
                 field: "reply kind",
@@ -786,9 +907,37 @@ mod tests {
                 chunk: 9,
             },
             Request::Pause { volume: v.clone() },
-            Request::Mark { volume: v.clone() },
+            Request::Mark {
+                volume: v.clone(),
+                id: 0,
+            },
             Request::Resume { volume: v.clone() },
-            Request::MarkResume { volume: v.clone() },
+            Request::MarkResume {
+                volume: v.clone(),
+                id: 99,
+            },
+            Request::ChunkVersions {
+                volume: v.clone(),
+                mark: 0,
+                from: 3,
+                limit: 10,
+            },
+            Request::ResetChunks {
+                volume: v.clone(),
+                chunks: vec![1, 7, 9],
+            },
+            Request::PutChunk {
+                volume: v.clone(),
+                chunk: 2,
+                expect: u64::MAX,
+                info: ChunkInfo {
+                    hydrated: true,
+                    user_written: 3,
+                    generation: 8,
+                    last_epoch: 2,
+                },
+                data: Bytes::from(vec![4u8; 64]),
+            },
             Request::ReadMark {
                 volume: v.clone(),
                 mark: 2,
@@ -848,6 +997,7 @@ mod tests {
             hydrated: true,
             user_written: 1 << 100 | 5,
             generation: 42,
+            last_epoch: 6,
         };
         let cases = vec![
             Ok(Response::Done),

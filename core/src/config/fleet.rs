@@ -18,6 +18,10 @@ pub struct ControlPlaneConfig {
     /// The block servers volumes are placed on (`host:port`).
     #[serde(default = "default_block_servers")]
     pub block_servers: Vec<String>,
+    /// Replicas per volume, each on its own block server (on distinct hosts where the
+    /// addresses allow). Writes need a majority of them.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
     /// KMS principal of the host agent that serves an attachment when the caller names none.
     #[serde(default = "default_host")]
     pub default_host: String,
@@ -43,7 +47,10 @@ fn default_cp_data_dir() -> PathBuf {
     PathBuf::from("blockfleet-data/control-plane")
 }
 fn default_block_servers() -> Vec<String> {
-    vec!["127.0.0.1:7100".into()]
+    (7100..7103).map(|p| format!("127.0.0.1:{p}")).collect()
+}
+fn default_replicas() -> usize {
+    3
 }
 fn default_host() -> String {
     "host-local".into()
@@ -61,6 +68,7 @@ impl Default for ControlPlaneConfig {
             listen: default_cp_listen(),
             data_dir: default_cp_data_dir(),
             block_servers: default_block_servers(),
+            replicas: default_replicas(),
             default_host: default_host(),
             job_lease_ms: default_lease_ms(),
             job_max_attempts: default_max_attempts(),
@@ -86,6 +94,16 @@ impl ControlPlaneConfig {
                     format!("{b} is listed twice"),
                 ));
             }
+        }
+        if self.replicas == 0 || self.replicas > self.block_servers.len() {
+            return Err(invalid(
+                "control_plane.replicas",
+                format!(
+                    "{} replicas need as many block servers; {} are listed",
+                    self.replicas,
+                    self.block_servers.len()
+                ),
+            ));
         }
         if !(500..=3_600_000).contains(&self.job_lease_ms) {
             return Err(invalid(

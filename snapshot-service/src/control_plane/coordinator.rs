@@ -23,14 +23,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockfleet_core::api::SnapshotState;
-use blockfleet_core::blockproto::{BlockClient, ErrorCode};
+use blockfleet_core::blockproto::{ClientError, ErrorCode, ReplicatedVolume};
 use blockfleet_core::httpjson::ApiError;
 use blockfleet_core::ids::SnapshotId;
 use blockfleet_core::snapshot::manifest::CIPHER_XTS_4K;
 use blockfleet_core::snapshot::{ChunkHash, EncryptionHeader, Manifest, SnapshotError};
 use futures::StreamExt;
 
-use super::{block_error, ControlPlane};
+use super::{replicas_error, ControlPlane};
 use crate::state::{SnapshotRecord, VolumeRecord};
 
 /// Chunks of one volume read and stored at once.
@@ -40,11 +40,7 @@ const UPLOAD_CONCURRENCY: usize = 8;
 pub(super) const PAUSE_WINDOW: usize = 0;
 pub(super) const SNAPSHOT_SET: usize = 1;
 
-fn cut_error(
-    v: &VolumeRecord,
-    addr: &str,
-    e: &blockfleet_core::blockproto::ClientError,
-) -> ApiError {
+fn cut_error(v: &VolumeRecord, e: &ClientError) -> ApiError {
     match e.code() {
         Some(ErrorCode::MarkOpen) => ApiError::conflict(
             "VolumeBusy",
@@ -53,74 +49,57 @@ fn cut_error(
                 v.id
             ),
         ),
-        _ => block_error(addr, e),
+        _ => replicas_error(e),
     }
 }
 
 impl ControlPlane {
-    /// Pauses every volume of `vols`, then marks and resumes each; returns each one's mark and
-    /// how long writes were held (first Pause sent to last Resume acknowledged). On any failure every mark taken is released and every pause resumed.
+    /// Pauses every volume of `vols` (a majority of each one's replicas), then marks and
+    /// resumes each; returns each one's mark and how long writes were held (first Pause sent
+    /// to last Resume acknowledged). On any failure every mark taken is released and every
+    /// pause resumed.
     pub(super) async fn cut(
         &self,
         vols: &[VolumeRecord],
     ) -> Result<(Vec<u64>, Duration), ApiError> {
-        let mut clients: Vec<(String, Arc<BlockClient>)> = Vec::new();
+        let mut sets: Vec<ReplicatedVolume> = Vec::new();
         for v in vols {
-            let addr = v.placement.first().cloned().unwrap_or_default();
-            let c = self
-                .blocks
-                .get(&addr)
-                .await
-                .map_err(|e| block_error(&addr, &e))?;
-            clients.push((addr, c));
+            sets.push(self.replicas(&v.id, &v.placement).await?);
         }
+        let id = self.next_mark_id();
         let start = Instant::now();
-        let paused =
-            futures::future::join_all(vols.iter().zip(&clients).map(|(v, (_, c))| c.pause(&v.id)))
-                .await;
+        let paused = futures::future::join_all(sets.iter().map(|r| r.pause())).await;
         let t_paused = start.elapsed();
         let mut failure: Option<ApiError> = None;
-        for ((v, (addr, _)), r) in vols.iter().zip(&clients).zip(&paused) {
+        for (v, r) in vols.iter().zip(&paused) {
             if let Err(e) = r {
-                self.blocks.forget_if_broken(addr, e);
-                failure.get_or_insert_with(|| cut_error(v, addr, e));
+                failure.get_or_insert_with(|| cut_error(v, e));
             }
         }
         // Once every volume is paused, each is marked and resumed on its own: no write can
         // be acknowledged anywhere between the last pause and its volume's mark, which is all
         // consistency needs, and no volume waits for another's mark.
         let all_paused = failure.is_none();
-        let steps = futures::future::join_all(vols.iter().zip(&clients).zip(&paused).map(
-            |((v, (_, c)), p)| async move {
-                if p.is_err() {
-                    return (None, Ok(()));
+        let steps = futures::future::join_all(sets.iter().zip(&paused).map(|(r, p)| async move {
+            match (p, all_paused) {
+                (Err(_), _) => None,
+                // One round trip: each block server resumes whatever the mark did.
+                (Ok(()), true) => Some(r.mark_resume(id).await),
+                (Ok(()), false) => {
+                    r.resume().await;
+                    None
                 }
-                if all_paused {
-                    // One round trip: the block server resumes whatever the mark did.
-                    (Some(c.mark_resume(&v.id).await), Ok(()))
-                } else {
-                    // Resumed whatever happened: a paused volume stalls its instance.
-                    (None, c.resume(&v.id).await)
-                }
-            },
-        ))
+            }
+        }))
         .await;
         let mut marks: Vec<Option<u64>> = vec![None; vols.len()];
-        for (i, (mark, resumed)) in steps.into_iter().enumerate() {
-            match mark {
+        for (i, step) in steps.into_iter().enumerate() {
+            match step {
                 Some(Ok(m)) => marks[i] = Some(m),
                 Some(Err(e)) => {
-                    failure.get_or_insert_with(|| cut_error(&vols[i], &clients[i].0, &e));
+                    failure.get_or_insert_with(|| cut_error(&vols[i], &e));
                 }
                 None => {}
-            }
-            if let Err(e) = resumed {
-                failure.get_or_insert_with(|| {
-                    ApiError::unavailable(
-                        "BlockServerUnavailable",
-                        format!("resume of {} failed: {e}", vols[i].id),
-                    )
-                });
             }
         }
         let window = start.elapsed();
@@ -130,10 +109,13 @@ impl ControlPlane {
             resumed_us = window.as_micros() as u64,
             "cut"
         );
+        for r in &sets {
+            self.forget_out(r);
+        }
         if let Some(f) = failure {
-            for ((v, (_, c)), m) in vols.iter().zip(&clients).zip(&marks) {
+            for (r, m) in sets.iter().zip(&marks) {
                 if let Some(m) = m {
-                    let _ = c.release_mark(&v.id, *m).await;
+                    r.release_mark(*m).await;
                 }
             }
             return Err(f);
@@ -205,14 +187,13 @@ impl ControlPlane {
         Ok(out)
     }
 
+    /// Lets the replicas drop a snapshot's mark (best effort: a restarted block server has
+    /// dropped it already, and a pause's mark times out).
     async fn release_mark(&self, s: &SnapshotRecord) {
-        let r = match self.blocks.get(&s.block_server).await {
-            Ok(c) => c.release_mark(&s.volume_id, s.mark).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = r {
-            if e.code() != Some(ErrorCode::NoSuchMark) {
-                tracing::warn!(volume = %s.volume_id, mark = s.mark, error = %e, "could not release a snapshot mark");
+        match self.replicas(&s.volume_id, &s.replicas).await {
+            Ok(r) => r.release_mark(s.mark).await,
+            Err(e) => {
+                tracing::warn!(volume = %s.volume_id, mark = s.mark, error = %e.message, "could not release a snapshot mark")
             }
         }
     }
@@ -225,11 +206,11 @@ impl ControlPlane {
         s: &SnapshotRecord,
     ) -> Result<(Manifest, u64, u64), String> {
         let fail = |what: String| format!("volume {}: {what}", s.volume_id);
-        let client = self
-            .blocks
-            .get(&s.block_server)
-            .await
-            .map_err(|e| fail(format!("block server {}: {e}", s.block_server)))?;
+        let client = Arc::new(
+            self.replicas(&s.volume_id, &s.replicas)
+                .await
+                .map_err(|e| fail(e.message))?,
+        );
         // Incremental from the base snapshot's map when its manifest is still there.
         let (base_mark, parent, mut chunks) = match &s.base {
             Some((pid, bm)) => match self.archive.get_manifest(pid).await {
@@ -240,7 +221,7 @@ impl ControlPlane {
             None => (0, None, BTreeMap::new()),
         };
         let changed = client
-            .list_changed_chunks(&s.volume_id, base_mark, s.mark)
+            .list_changed_chunks(base_mark, s.mark)
             .await
             .map_err(|e| fail(format!("listing changed chunks: {e}")))?;
         let total = changed.len() as u64;
@@ -295,11 +276,11 @@ impl ControlPlane {
         &self,
         set_id: &str,
         s: &SnapshotRecord,
-        client: &BlockClient,
+        client: &ReplicatedVolume,
         c: u64,
     ) -> Result<Option<(ChunkHash, bool)>, String> {
         let (info, data) = client
-            .read_mark(&s.volume_id, s.mark, c)
+            .read_mark(s.mark, c)
             .await
             .map_err(|e| match e.code() {
                 Some(ErrorCode::NoSuchMark) => format!(
@@ -309,7 +290,7 @@ impl ControlPlane {
                 _ => e.to_string(),
             })?;
         let hashed = tokio::task::spawn_blocking(move || {
-            if info.generation == 0 || data.iter().all(|&b| b == 0) {
+            if !info.has_data() || data.iter().all(|&b| b == 0) {
                 None
             } else {
                 Some((ChunkHash::of(&data), data))
@@ -362,13 +343,11 @@ impl ControlPlane {
     /// snapshot) is durable on the block server before the snapshot completes.
     async fn flush_sources(&self, snaps: &[SnapshotRecord]) -> Result<(), String> {
         for s in snaps {
-            let c = self.blocks.get(&s.block_server).await.map_err(|e| {
-                format!(
-                    "volume {}: block server {}: {e}",
-                    s.volume_id, s.block_server
-                )
-            })?;
-            c.flush(&s.volume_id)
+            let r = self
+                .replicas(&s.volume_id, &s.replicas)
+                .await
+                .map_err(|e| format!("volume {}: {}", s.volume_id, e.message))?;
+            r.flush()
                 .await
                 .map_err(|e| format!("volume {}: flush: {e}", s.volume_id))?;
         }

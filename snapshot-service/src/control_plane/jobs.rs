@@ -26,7 +26,7 @@ impl ControlPlane {
             };
             targets.push(JobTarget {
                 volume_id: v.id.clone(),
-                block_server: v.placement.first().cloned().unwrap_or_default(),
+                replicas: v.placement.clone(),
                 size: v.size,
                 kms_key_id: v.kms_key_id.clone(),
                 wrapped_key: v.wrapped_key.clone(),
@@ -38,7 +38,7 @@ impl ControlPlane {
             JobSource::Volume { volume_id, mark } => {
                 self.state.volume(volume_id)?.map(|v| SourceVolume {
                     volume_id: v.id.clone(),
-                    block_server: v.placement.first().cloned().unwrap_or_default(),
+                    replicas: v.placement.clone(),
                     size: v.size,
                     mark: *mark,
                     wrapped_key: v.wrapped_key.clone(),
@@ -227,7 +227,7 @@ impl ControlPlane {
         to_value(&AttachInfo {
             volume_id: v.id.clone(),
             size: v.size,
-            block_server: v.placement.first().cloned().unwrap_or_default(),
+            replicas: v.placement.clone(),
             encrypted: v.kms_key_id.is_some(),
             kms_key_id: v.kms_key_id.clone(),
             wrapped_key: v.wrapped_key.clone(),

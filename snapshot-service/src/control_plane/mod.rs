@@ -20,13 +20,14 @@ mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use blockfleet_core::blockproto::{BlockPool, ClientError};
+use blockfleet_core::blockproto::{BlockPool, ClientError, Health, ReplicatedVolume};
 use blockfleet_core::config::{ControlPlaneConfig, KmsClientConfig};
 use blockfleet_core::httpjson::{self, ApiError, Reply};
-use blockfleet_core::ids::SnapshotId;
+use blockfleet_core::ids::{SnapshotId, VolumeId};
 use blockfleet_core::kms::{Kms, KmsError};
 use blockfleet_core::metrics::OpMetrics;
 use blockfleet_core::snapshot::{Archive, ChunkHash};
@@ -67,6 +68,15 @@ pub(crate) fn kms_error(e: KmsError) -> ApiError {
     }
 }
 
+/// A failure of a volume's replica set (the error names the volume and the replicas).
+pub(crate) fn replicas_error(e: &ClientError) -> ApiError {
+    ApiError::unavailable("BlockServerUnavailable", e.to_string())
+}
+
+/// How long a block server may take to answer the control plane before its replica counts as
+/// out for that call.
+const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub(crate) fn block_error(addr: &str, e: &ClientError) -> ApiError {
     ApiError::unavailable(
         "BlockServerUnavailable",
@@ -95,9 +105,54 @@ pub(crate) struct ControlPlane {
     gc: tokio::sync::RwLock<()>,
     /// `pause_window` (the cut's write hold) and `snapshot_set` (cut to completed or error).
     metrics: OpMetrics<2>,
+    /// The last mark id handed out (see `next_mark_id`).
+    last_mark: AtomicU64,
 }
 
 impl ControlPlane {
+    /// The replicas of volume `id` as one volume, over the pool's connections.
+    pub(crate) async fn replicas(
+        &self,
+        id: &VolumeId,
+        placement: &[String],
+    ) -> Result<ReplicatedVolume, ApiError> {
+        let clients = futures::future::join_all(
+            placement
+                .iter()
+                .map(|a| async move { (a.clone(), self.blocks.get(a).await) }),
+        )
+        .await;
+        ReplicatedVolume::from_clients(id.clone(), clients, REPLICA_TIMEOUT)
+            .await
+            .map_err(|e| replicas_error(&e))
+    }
+
+    /// Drops pooled connections to replicas a call found out (they reconnect next time).
+    pub(crate) fn forget_out(&self, r: &ReplicatedVolume) {
+        for s in r.status() {
+            if s.health == Health::Out {
+                self.blocks.forget(&s.addr);
+            }
+        }
+    }
+
+    /// A mark id for a cut: replicas of a volume share mark ids, and each must be above every
+    /// mark the volume has seen, so ids are microseconds since the epoch, kept increasing.
+    pub(crate) fn next_mark_id(&self) -> u64 {
+        let now = now_ms().saturating_mul(1000);
+        let mut last = self.last_mark.load(Ordering::Relaxed);
+        loop {
+            let id = now.max(last + 1);
+            match self
+                .last_mark
+                .compare_exchange(last, id, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return id,
+                Err(l) => last = l,
+            }
+        }
+    }
+
     fn lease(&self) -> Duration {
         Duration::from_millis(self.config.job_lease_ms)
     }
@@ -190,6 +245,7 @@ pub async fn run(
         progress: Mutex::new(HashMap::new()),
         gc: tokio::sync::RwLock::new(()),
         metrics: OpMetrics::new(["pause_window", "snapshot_set"]),
+        last_mark: AtomicU64::new(0),
     });
     if let Some(addr) = &cp.config.metrics_listen {
         let l = TcpListener::bind(addr)

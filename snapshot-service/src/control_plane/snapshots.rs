@@ -178,7 +178,7 @@ impl ControlPlane {
                 set_id: set_id.clone(),
                 volume_id: v.id.clone(),
                 volume_size: v.size,
-                block_server: v.placement.first().cloned().unwrap_or_default(),
+                replicas: v.placement.clone(),
                 mark,
                 base: v.last_snapshot.clone(),
                 state: SnapshotState::Pending,
@@ -216,8 +216,8 @@ impl ControlPlane {
         })();
         if let Err(e) = saved {
             for s in &records {
-                if let Ok(c) = self.blocks.get(&s.block_server).await {
-                    let _ = c.release_mark(&s.volume_id, s.mark).await;
+                if let Ok(r) = self.replicas(&s.volume_id, &s.replicas).await {
+                    r.release_mark(s.mark).await;
                 }
             }
             return Err(e.into());

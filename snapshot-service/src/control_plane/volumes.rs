@@ -16,7 +16,7 @@ use blockfleet_core::snapshot::SnapshotError;
 use blockfleet_core::units::{chunk_count, CHUNK};
 use serde_json::json;
 
-use super::{block_error, kms_error, now_ms, ControlPlane};
+use super::{block_error, kms_error, now_ms, replicas_error, ControlPlane};
 use crate::state::{AttachmentRecord, JobRecord, VolumeRecord};
 
 const MAX_COUNT: u32 = 64;
@@ -50,31 +50,35 @@ impl ControlPlane {
         Ok(k)
     }
 
-    /// Block servers ordered by how few volumes they hold (then as configured).
-    fn placement_order(&self) -> Result<Vec<String>, ApiError> {
+    /// Where the next volume's replicas go: the least loaded block servers (by replicas held,
+    /// counting `planned` ones not recorded yet), each on a host no other replica uses while
+    /// hosts allow, else on distinct servers.
+    fn place(&self, planned: &BTreeMap<String, usize>) -> Result<Vec<String>, ApiError> {
         let mut load: BTreeMap<&str, usize> = self
             .config
             .block_servers
             .iter()
-            .map(|b| (b.as_str(), 0))
+            .map(|b| (b.as_str(), planned.get(b).copied().unwrap_or(0)))
             .collect();
-        let vols = self.state.volumes()?;
-        for v in &vols {
+        for v in self.state.volumes()? {
             for p in &v.placement {
                 if let Some(n) = load.get_mut(p.as_str()) {
                     *n += 1;
                 }
             }
         }
-        let mut order: Vec<(usize, usize, String)> = self
+        let mut order: Vec<(usize, usize, &String)> = self
             .config
             .block_servers
             .iter()
             .enumerate()
-            .map(|(i, b)| (load[b.as_str()], i, b.clone()))
+            .map(|(i, b)| (load[b.as_str()], i, b))
             .collect();
         order.sort();
-        Ok(order.into_iter().map(|(_, _, b)| b).collect())
+        Ok(pick_replicas(
+            order.into_iter().map(|(_, _, b)| b.clone()),
+            self.config.replicas,
+        ))
     }
 
     /// A volume that can be copied: whole (hydration done), not impaired, not being deleted.
@@ -117,26 +121,13 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Takes the cut a copy reproduces: pause, mark, resume on the source's block server.
-    /// The block server keeps the marked chunks aside as the user writes on.
+    /// Takes the cut a copy reproduces: pause, mark, resume on the source's replicas. The
+    /// block servers keep the marked chunks aside as the user writes on.
     async fn mark_source(&self, src: &VolumeRecord) -> Result<u64, ApiError> {
-        let addr = src
-            .placement
-            .first()
-            .ok_or_else(|| ApiError::internal(format!("volume {} has no placement", src.id)))?;
-        let c = self
-            .blocks
-            .get(addr)
-            .await
-            .map_err(|e| block_error(addr, &e))?;
-        c.pause(&src.id).await.map_err(|e| {
-            self.blocks.forget_if_broken(addr, &e);
-            block_error(addr, &e)
-        })?;
-        let mark = c.mark(&src.id).await;
-        // Resumed whatever the mark did: a paused volume stalls its instance.
-        let resumed = c.resume(&src.id).await;
-        let mark = mark.map_err(|e| match e.code() {
+        let r = self.replicas(&src.id, &src.placement).await?;
+        let mark = r.take_mark(self.next_mark_id()).await;
+        self.forget_out(&r);
+        mark.map_err(|e| match e.code() {
             Some(ErrorCode::MarkOpen) => ApiError::conflict(
                 "VolumeBusy",
                 format!(
@@ -144,13 +135,8 @@ impl ControlPlane {
                     src.id
                 ),
             ),
-            _ => block_error(addr, &e),
-        })?;
-        if let Err(e) = resumed {
-            let _ = c.release_mark(&src.id, mark).await;
-            return Err(block_error(addr, &e));
-        }
-        Ok(mark)
+            _ => replicas_error(&e),
+        })
     }
 
     /// The unfinished job reading `id` as its source, if any.
@@ -170,18 +156,13 @@ impl ControlPlane {
         let Ok(Some(src)) = self.state.volume(volume_id) else {
             return;
         };
-        let Some(addr) = src.placement.first() else {
-            return;
-        };
-        let r = match self.blocks.get(addr).await {
-            Ok(c) => c.release_mark(volume_id, *mark).await,
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(()) => tracing::info!(volume = %volume_id, mark, "source mark released"),
-            Err(e) if e.code() == Some(ErrorCode::NoSuchMark) => {}
+        match self.replicas(volume_id, &src.placement).await {
+            Ok(r) => {
+                r.release_mark(*mark).await;
+                tracing::info!(volume = %volume_id, mark, "source mark released");
+            }
             Err(e) => {
-                tracing::warn!(volume = %volume_id, mark, error = %e, "could not release the source mark")
+                tracing::warn!(volume = %volume_id, mark, error = %e.message, "could not release the source mark")
             }
         }
     }
@@ -269,7 +250,7 @@ impl ControlPlane {
         } else {
             None
         };
-        let order = self.placement_order()?;
+        let mut planned: BTreeMap<String, usize> = BTreeMap::new();
         let source = match (&req.snapshot_id, &req.source_volume_id) {
             (Some(snap), _) => Some(JobSource::Snapshot {
                 snapshot_id: snap.clone(),
@@ -289,7 +270,7 @@ impl ControlPlane {
             .map(|_| format!("job-{}", &VolumeId::generate().as_str()[4..]));
         let mut made: Vec<VolumeRecord> = Vec::new();
         let result = async {
-            for i in 0..count as usize {
+            for _ in 0..count as usize {
                 let id = VolumeId::generate();
                 let wrapped = match &key {
                     Some(k) => {
@@ -305,7 +286,10 @@ impl ControlPlane {
                     }
                     None => None,
                 };
-                let server = order[i % order.len()].clone();
+                let placement = self.place(&planned)?;
+                for p in &placement {
+                    *planned.entry(p.clone()).or_default() += 1;
+                }
                 let mut rec = VolumeRecord {
                     id: id.clone(),
                     size,
@@ -314,7 +298,7 @@ impl ControlPlane {
                     wrapped_key: wrapped,
                     snapshot_id: req.snapshot_id.clone(),
                     source_volume_id: req.source_volume_id.clone(),
-                    placement: vec![server.clone()],
+                    placement: placement.clone(),
                     job_id: job_id.clone(),
                     attachment: None,
                     created_at: now_ms() / 1000,
@@ -326,18 +310,20 @@ impl ControlPlane {
                 // visible `creating` volume, never an orphan extent nobody knows about.
                 self.state.put_volume(&rec)?;
                 made.push(rec.clone());
-                let client = self
-                    .blocks
-                    .get(&server)
-                    .await
-                    .map_err(|e| block_error(&server, &e))?;
-                client
-                    .create_volume(&id, size, job_id.is_some())
-                    .await
-                    .map_err(|e| {
-                        self.blocks.forget_if_broken(&server, &e);
-                        block_error(&server, &e)
-                    })?;
+                for server in &placement {
+                    let client = self
+                        .blocks
+                        .get(server)
+                        .await
+                        .map_err(|e| block_error(server, &e))?;
+                    client
+                        .create_volume(&id, size, job_id.is_some())
+                        .await
+                        .map_err(|e| {
+                            self.blocks.forget_if_broken(server, &e);
+                            block_error(server, &e)
+                        })?;
+                }
                 rec.state = VolumeState::Available;
                 self.state.put_volume(&rec)?;
                 *made
@@ -362,8 +348,10 @@ impl ControlPlane {
         if let Err(e) = result {
             // All or nothing: undo the volumes made so far.
             for v in &made {
-                if let Ok(c) = self.blocks.get(&v.placement[0]).await {
-                    let _ = c.delete_volume(&v.id).await;
+                for addr in &v.placement {
+                    if let Ok(c) = self.blocks.get(addr).await {
+                        let _ = c.delete_volume(&v.id).await;
+                    }
                 }
                 let _ = self.state.remove_volume(&v.id);
             }
@@ -431,17 +419,14 @@ impl ControlPlane {
     }
 
     async fn unhydrated(&self, v: &VolumeRecord) -> Option<u64> {
-        let addr = v.placement.first()?;
         let ask = async {
-            let c = self.blocks.get(addr).await?;
-            let r = c.stat_volume(&v.id).await;
-            if let Err(e) = &r {
-                self.blocks.forget_if_broken(addr, e);
-            }
-            r
+            let r = self.replicas(&v.id, &v.placement).await.ok()?;
+            let stat = r.stat().await;
+            self.forget_out(&r);
+            stat.ok()
         };
         match tokio::time::timeout(Duration::from_secs(2), ask).await {
-            Ok(Ok(stat)) => Some(stat.unhydrated),
+            Ok(Some(stat)) => Some(stat.unhydrated),
             _ => None,
         }
     }
@@ -664,5 +649,45 @@ impl ControlPlane {
             }
         }
         Ok(json!({ "instances": by.into_values().collect::<Vec<_>>() }))
+    }
+}
+
+/// The first `n` of `servers` (in preference order) on distinct hosts, then distinct servers
+/// to make up the number.
+fn pick_replicas(servers: impl Iterator<Item = String>, n: usize) -> Vec<String> {
+    let servers: Vec<String> = servers.collect();
+    let host = |s: &str| s.rsplit_once(':').map_or(s, |(h, _)| h).to_owned();
+    let mut out: Vec<String> = Vec::new();
+    for s in &servers {
+        if out.len() < n && !out.iter().any(|o| host(o) == host(s)) {
+            out.push(s.clone());
+        }
+    }
+    for s in &servers {
+        if out.len() < n && !out.contains(s) {
+            out.push(s.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_replicas;
+
+    #[test]
+    fn replicas_spread_over_hosts_first() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let servers = s(&["10.0.0.1:1", "10.0.0.1:2", "10.0.0.2:1", "10.0.0.3:1"]);
+        assert_eq!(
+            pick_replicas(servers.clone().into_iter(), 3),
+            s(&["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"])
+        );
+        let local = s(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        assert_eq!(pick_replicas(local.clone().into_iter(), 3), local);
+        assert_eq!(
+            pick_replicas(servers.into_iter().take(3), 3),
+            s(&["10.0.0.1:1", "10.0.0.2:1", "10.0.0.1:2"])
+        );
     }
 }
