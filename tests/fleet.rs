@@ -123,8 +123,10 @@ async fn snapshot_to_four_encrypted_volumes_reencryption_and_bad_input() {
         "--wait",
     ]);
     assert_eq!(vols.len(), 4);
-    let placements: HashSet<_> = vols.iter().map(|v| v.placement[0].clone()).collect();
-    assert_eq!(placements.len(), 3, "4 volumes spread over 3 block servers");
+    for v in &vols {
+        let placements: HashSet<_> = v.placement.iter().collect();
+        assert_eq!(placements.len(), 3, "each volume on all 3 block servers");
+    }
     for v in &vols {
         let h = v.hydration.as_ref().unwrap();
         assert_eq!(

@@ -276,7 +276,7 @@ secret_access_key = "host-secret-0123"
         let fetcher =
             fetch.then(|| Fetcher::new(info.fetch_endpoints.clone(), Some(self.cp.clone())));
         let replicas = Arc::new(
-            ReplicatedVolume::open(volume.clone(), &info.replicas, Duration::from_secs(2))
+            ReplicatedVolume::open(volume.clone(), &info.replicas, Duration::from_secs(1))
                 .await
                 .unwrap(),
         );
@@ -300,6 +300,37 @@ secret_access_key = "host-secret-0123"
 
     pub fn block_server_addr(&self, i: usize) -> &str {
         &self.block_servers[i].addr
+    }
+
+    /// Block server `i`'s data directory.
+    pub fn block_server_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("bs{i}"))
+    }
+
+    /// Starts block server `i` again (after a kill) on its address and data.
+    pub fn restart_block_server(&mut self, i: usize) {
+        let addr = self.block_servers[i].addr.clone();
+        let dir = self.block_server_dir(i);
+        self.block_servers[i] = spawn(
+            &self.config,
+            &[
+                "block-server",
+                "--listen",
+                &addr,
+                "--data-dir",
+                dir.to_str().unwrap(),
+            ],
+        );
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to block server `i`.
+    pub fn signal_block_server(&self, i: usize, signal: &str) {
+        let pid = self.block_servers[i].child.id().to_string();
+        let st = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
     }
 
     /// kill -9 of the KMS.

@@ -1,0 +1,296 @@
+//! Replication over real processes: every volume on three block servers; one killed with -9
+//! or stopped (SIGSTOP) and brought back, again and again, under random writes through the
+//! host agent's data path; then every acknowledged write must read back from every replica
+//! and the replicas' extent files must be identical.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockfleet::host_agent::AgentVolume;
+use blockfleet_core::blockproto::{BlockClient, ClientError, Health};
+use blockfleet_core::ids::InstanceId;
+use common::{Fleet, FleetOptions};
+
+const SIZE: u64 = 32 << 20;
+const UNIT: u64 = 4096;
+const WRITERS: usize = 4;
+
+/// What the volume must hold: the acknowledged writes.
+struct Model {
+    data: Mutex<Vec<u8>>,
+    acked: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Writers each own a stripe of units (so the model knows the order) and write random 4 KiB
+/// units, with a flush every 16 writes, until `stop`.
+fn start_writers(
+    agent: &Arc<AgentVolume>,
+    model: &Arc<Model>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..WRITERS)
+        .map(|w| {
+            let (agent, model, stop) = (Arc::clone(agent), Arc::clone(model), Arc::clone(stop));
+            tokio::spawn(async move {
+                let mut rng = blockfleet_testkit::Rng::new(w as u64);
+                let units = SIZE / UNIT;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let u = rng.below(units / WRITERS as u64) * WRITERS as u64 + w as u64;
+                    let mut buf = vec![0u8; UNIT as usize];
+                    rng.fill(&mut buf);
+                    n += 1;
+                    let ok = agent
+                        .write(u * UNIT, UNIT, Some(&buf), n % 16 == 0)
+                        .await
+                        .is_ok();
+                    if ok {
+                        let at = (u * UNIT) as usize;
+                        model.data.lock().unwrap()[at..at + UNIT as usize].copy_from_slice(&buf);
+                        model.acked.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        model.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn wait_in_sync(agent: &AgentVolume, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let s = agent.replicas().status();
+        if s.iter().all(|r| r.health == Health::InSync) {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "replicas not back in sync within {within:?}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn open_volume(f: &Fleet) -> (Arc<AgentVolume>, String) {
+    let v =
+        f.cp.create_volume(&blockfleet_core::api::CreateVolumeRequest {
+            size: Some(SIZE),
+            encrypted: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    let mut placed = v.placement.clone();
+    placed.sort();
+    let mut servers: Vec<String> = (0..3).map(|i| f.block_server_addr(i).to_owned()).collect();
+    servers.sort();
+    assert_eq!(placed, servers, "three replicas, one per block server");
+    let agent = f
+        .attach_in_process(&v.volume_id, &InstanceId::generate(), None, false, false)
+        .await;
+    (Arc::new(agent), v.volume_id.to_string())
+}
+
+/// Every replica holds every acknowledged write: the volume read back through the agent
+/// equals the model, each replica's ciphertext and chunk versions equal the others', and so
+/// do the extent files on disk.
+async fn check_replicas(f: &Fleet, agent: &AgentVolume, volume: &str, model: &Model) {
+    agent.flush().await.unwrap();
+    let want = model.data.lock().unwrap().clone();
+    let got = agent.read(0, SIZE as u32).await.unwrap();
+    assert!(got == want, "the volume lost acknowledged writes");
+    let id = volume.parse().unwrap();
+    let mut ciphertexts = Vec::new();
+    for i in 0..3 {
+        let c = BlockClient::connect(f.block_server_addr(i)).await.unwrap();
+        let mut all = Vec::new();
+        for at in (0..SIZE).step_by(4 << 20) {
+            all.extend_from_slice(&c.read(&id, at, 4 << 20).await.unwrap());
+        }
+        let versions = c.chunk_versions(&id, 0, 0, 65536).await.unwrap();
+        ciphertexts.push((all, versions));
+    }
+    for i in 1..3 {
+        assert!(
+            ciphertexts[i].0 == ciphertexts[0].0,
+            "replica {i} holds other bytes than replica 0"
+        );
+        assert_eq!(ciphertexts[i].1, ciphertexts[0].1, "chunk versions differ");
+    }
+    let files: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            std::fs::read(
+                f.block_server_dir(i)
+                    .join("volumes")
+                    .join(volume)
+                    .join("data"),
+            )
+            .unwrap()
+        })
+        .collect();
+    assert!(
+        files[1] == files[0] && files[2] == files[0],
+        "extent files differ"
+    );
+}
+
+async fn fault_cycles(kill: bool) {
+    let mut f = Fleet::start(FleetOptions::default());
+    let (agent, volume) = open_volume(&f).await;
+    let model = Arc::new(Model {
+        data: Mutex::new(vec![0u8; SIZE as usize]),
+        acked: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&agent, &model, &stop);
+    let cycles = 10;
+    let mut repaired_before = 0;
+    for cycle in 0..cycles {
+        let victim = cycle % 3;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = model.acked.load(Ordering::Relaxed);
+        if kill {
+            f.kill_block_server(victim);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            f.restart_block_server(victim);
+        } else {
+            // Alternately longer than the replica timeout (marked out, then repaired) and
+            // shorter (writes wait, nothing is marked out).
+            f.signal_block_server(victim, "STOP");
+            let held = if cycle % 2 == 0 { 1500 } else { 300 };
+            tokio::time::sleep(Duration::from_millis(held)).await;
+            f.signal_block_server(victim, "CONT");
+        }
+        wait_in_sync(&agent, Duration::from_secs(60)).await;
+        let during = model.acked.load(Ordering::Relaxed) - before;
+        assert!(during > 0, "cycle {cycle}: no write acknowledged");
+        let repaired = agent.replicas().metrics.repairs.load(Ordering::Relaxed);
+        if kill || cycle % 2 == 0 {
+            assert!(repaired > repaired_before, "cycle {cycle}: no repair ran");
+        }
+        repaired_before = repaired;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        model.failed.load(Ordering::Relaxed),
+        0,
+        "writes failed with a majority up"
+    );
+    assert!(
+        agent
+            .replicas()
+            .metrics
+            .repair_bytes
+            .load(Ordering::Relaxed)
+            > 0
+    );
+    println!(
+        "{} writes acknowledged over {cycles} {} cycles, {} repairs, {} bytes repaired",
+        model.acked.load(Ordering::Relaxed),
+        if kill { "kill -9" } else { "SIGSTOP" },
+        agent.replicas().metrics.repairs.load(Ordering::Relaxed),
+        agent
+            .replicas()
+            .metrics
+            .repair_bytes
+            .load(Ordering::Relaxed),
+    );
+    check_replicas(&f, &agent, &volume, &model).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_survive_kill_9_and_converge() {
+    fault_cycles(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_survive_a_stopped_server_and_converge() {
+    fault_cycles(false).await;
+}
+
+/// With two of three replicas gone a write fails clearly rather than being acknowledged on
+/// one; once they are back the volume is whole, including what was acknowledged before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_fail_without_a_majority_and_recover() {
+    let mut f = Fleet::start(FleetOptions::default());
+    let (agent, volume) = open_volume(&f).await;
+    let model = Model {
+        data: Mutex::new(vec![0u8; SIZE as usize]),
+        acked: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    };
+    let put = |at: u64, byte: u8| {
+        model.data.lock().unwrap()[at as usize..(at + UNIT) as usize].fill(byte);
+        vec![byte; UNIT as usize]
+    };
+    agent.write(0, UNIT, Some(&put(0, 1)), true).await.unwrap();
+    f.kill_block_server(1);
+    f.kill_block_server(2);
+    let e = agent
+        .replicas()
+        .write(UNIT, bytes::Bytes::from(vec![9u8; UNIT as usize]), true)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Quorum {
+                have: 1,
+                need: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("replicas"), "{e}");
+    // Through the agent: an I/O error for the instance.
+    assert!(agent
+        .write(UNIT, UNIT, Some(&[9u8; 4096][..]), true)
+        .await
+        .is_err());
+    f.restart_block_server(1);
+    f.restart_block_server(2);
+    wait_in_sync(&agent, Duration::from_secs(30)).await;
+    // The unacknowledged write may or may not be there; the replicas agree either way.
+    let now = agent.read(UNIT, UNIT as u32).await.unwrap();
+    model.data.lock().unwrap()[UNIT as usize..2 * UNIT as usize].copy_from_slice(&now);
+    agent
+        .write(2 * UNIT, UNIT, Some(&put(2 * UNIT, 3)), true)
+        .await
+        .unwrap();
+    // Repair copies only what a replica missed: one write while it was down, one chunk.
+    f.kill_block_server(0);
+    let far = SIZE - UNIT;
+    agent
+        .write(far, UNIT, Some(&put(far, 4)), true)
+        .await
+        .unwrap();
+    let before = agent
+        .replicas()
+        .metrics
+        .repair_bytes
+        .load(Ordering::Relaxed);
+    f.restart_block_server(0);
+    wait_in_sync(&agent, Duration::from_secs(30)).await;
+    assert_eq!(
+        agent
+            .replicas()
+            .metrics
+            .repair_bytes
+            .load(Ordering::Relaxed)
+            - before,
+        512 << 10,
+        "repair copied more than the one chunk missed"
+    );
+    check_replicas(&f, &agent, &volume, &model).await;
+}
