@@ -109,6 +109,9 @@ pub enum Command {
     /// Volumes: create (from snapshots), list, describe, attach, detach, delete.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Block servers: list them with their replicas' state, drain one.
+    #[command(subcommand)]
+    Server(ServerCommand),
     /// Serve an attached volume to this host over NBD (the host agent), encrypting with its key
     /// (unwrapped under this host's KMS grant; the block server sees only ciphertext). Where the
     /// volume lives and its wrapped key come from the control plane unless --block-server is given.
@@ -139,6 +142,22 @@ pub enum Command {
         /// Size of the generated image in MiB.
         #[arg(long, default_value_t = 64)]
         size_mib: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Every block server: reachable, draining, and each replica it holds with its state
+    /// (in_sync, behind N chunks, joining, leaving) and its host agent's view.
+    Ls,
+    /// Moves every replica off a block server (new replicas are filled while volumes serve,
+    /// then the old ones go); nothing new is placed on it. Progress shows in `server ls`.
+    Drain {
+        /// The block server's address, as in control_plane.block_servers.
+        server: String,
+        /// Wait until no replica is left on it.
+        #[arg(long)]
+        wait: bool,
     },
 }
 

@@ -5,6 +5,7 @@
 mod cli;
 mod demo;
 mod output;
+mod server_cmd;
 mod services;
 mod snapshot_cmd;
 mod volume_cmd;
@@ -92,6 +93,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 c.transform.listen = l;
             }
             services::transform(&c, shutdown_signal()).await
+        }
+        Command::Server(cmd) => {
+            server_cmd::run(
+                &control_plane_url(&cli.control_plane, &config),
+                cli.output,
+                cmd,
+            )
+            .await
         }
         Command::Volume(cmd) => {
             volume_cmd::run(

@@ -156,6 +156,9 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
 /// How often the host agent tries to bring back a replica that is out.
 const REPAIR_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How often the host agent asks the control plane for placement changes.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where the host agent finds the volume and how it encrypts it.
 pub struct AttachTarget {
     /// The block servers holding the volume's replicas.
@@ -224,6 +227,10 @@ pub async fn attach(
     );
     // Replicas found behind, or failing later, are repaired while the volume serves.
     let _repair = replicas.spawn_repair(REPAIR_EVERY);
+    let _follow = target
+        .control_plane
+        .clone()
+        .map(|cp| blockfleet::host_agent::follow_placement(cp, &replicas, FOLLOW_EVERY));
     let fetcher =
         (!target.fetch_endpoints.is_empty() || target.control_plane.is_some()).then(|| {
             blockfleet::host_agent::Fetcher::new(target.fetch_endpoints, target.control_plane)

@@ -77,6 +77,12 @@ async fn wait_in_sync(agent: &AgentVolume, within: Duration) {
 }
 
 async fn open_volume(f: &Fleet) -> (Arc<AgentVolume>, String) {
+    open_volume_on(f, 3).await
+}
+
+/// A new encrypted volume on the fleet's first `servers` block servers, opened through the
+/// host agent's data path.
+async fn open_volume_on(f: &Fleet, servers: usize) -> (Arc<AgentVolume>, String) {
     let v =
         f.cp.create_volume(&blockfleet_core::api::CreateVolumeRequest {
             size: Some(SIZE),
@@ -88,7 +94,9 @@ async fn open_volume(f: &Fleet) -> (Arc<AgentVolume>, String) {
         .remove(0);
     let mut placed = v.placement.clone();
     placed.sort();
-    let mut servers: Vec<String> = (0..3).map(|i| f.block_server_addr(i).to_owned()).collect();
+    let mut servers: Vec<String> = (0..servers)
+        .map(|i| f.block_server_addr(i).to_owned())
+        .collect();
     servers.sort();
     assert_eq!(placed, servers, "three replicas, one per block server");
     let agent = f
@@ -101,13 +109,23 @@ async fn open_volume(f: &Fleet) -> (Arc<AgentVolume>, String) {
 /// equals the model, each replica's ciphertext and chunk versions equal the others', and so
 /// do the extent files on disk.
 async fn check_replicas(f: &Fleet, agent: &AgentVolume, volume: &str, model: &Model) {
+    check_replicas_on(f, agent, volume, model, &[0, 1, 2]).await
+}
+
+async fn check_replicas_on(
+    f: &Fleet,
+    agent: &AgentVolume,
+    volume: &str,
+    model: &Model,
+    servers: &[usize],
+) {
     agent.flush().await.unwrap();
     let want = model.data.lock().unwrap().clone();
     let got = agent.read(0, SIZE as u32).await.unwrap();
     assert!(got == want, "the volume lost acknowledged writes");
     let id = volume.parse().unwrap();
     let mut ciphertexts = Vec::new();
-    for i in 0..3 {
+    for &i in servers {
         let c = BlockClient::connect(f.block_server_addr(i)).await.unwrap();
         let mut all = Vec::new();
         for at in (0..SIZE).step_by(4 << 20) {
@@ -123,8 +141,9 @@ async fn check_replicas(f: &Fleet, agent: &AgentVolume, volume: &str, model: &Mo
         );
         assert_eq!(ciphertexts[i].1, ciphertexts[0].1, "chunk versions differ");
     }
-    let files: Vec<Vec<u8>> = (0..3)
-        .map(|i| {
+    let files: Vec<Vec<u8>> = servers
+        .iter()
+        .map(|&i| {
             std::fs::read(
                 f.block_server_dir(i)
                     .join("volumes")
@@ -293,4 +312,87 @@ async fn writes_fail_without_a_majority_and_recover() {
         "repair copied more than the one chunk missed"
     );
     check_replicas(&f, &agent, &volume, &model).await;
+}
+
+/// `server drain` under write load: every replica leaves the drained server for the spare,
+/// no write fails, the volume is whole on its new replicas, and `server ls` shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_moves_replicas_under_load() {
+    let f = Fleet::start(FleetOptions {
+        block_servers: 4,
+        ..Default::default()
+    });
+    let (agent, volume) = open_volume_on(&f, 3).await;
+    let _follow = blockfleet::host_agent::follow_placement(
+        f.cp.clone(),
+        agent.replicas(),
+        Duration::from_millis(200),
+    );
+    let model = Arc::new(Model {
+        data: Mutex::new(vec![0u8; SIZE as usize]),
+        acked: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&agent, &model, &stop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let drained = f.block_server_addr(0).to_owned();
+    f.ok(&["server", "drain", &drained]);
+    let start = Instant::now();
+    let placement = loop {
+        let v =
+            f.cp.describe_volumes(&[volume.parse().unwrap()])
+                .await
+                .unwrap();
+        if !v[0].placement.contains(&drained) {
+            break v[0].placement.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "drain did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(placement.contains(&f.block_server_addr(3).to_owned()));
+    // The agent drops the old replica at its next look at the placement.
+    while agent.replicas().status().iter().any(|r| r.addr == drained) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        model.failed.load(Ordering::Relaxed),
+        0,
+        "a write failed during the drain"
+    );
+    wait_in_sync(&agent, Duration::from_secs(30)).await;
+    check_replicas_on(&f, &agent, &volume, &model, &[1, 2, 3]).await;
+    let ls = f.ok(&["-o", "json", "server", "ls"]);
+    let servers: Vec<blockfleet_core::api::BlockServerView> = serde_json::from_str(&ls).unwrap();
+    let s0 = servers.iter().find(|s| s.address == drained).unwrap();
+    assert!(s0.draining && s0.volumes.is_empty(), "{s0:?}");
+    let s3 = servers
+        .iter()
+        .find(|s| s.address == f.block_server_addr(3))
+        .unwrap();
+    assert_eq!(s3.volumes.len(), 1);
+    assert_eq!(s3.volumes[0].state, "in_sync");
+    assert!(
+        !std::fs::exists(f.block_server_dir(0).join("volumes").join(&volume)).unwrap(),
+        "the drained server still holds the replica"
+    );
+    // New volumes avoid the drained server; draining a second one would leave too few.
+    let v = f.create(&["--size", "1048576"]);
+    assert!(!v[0].placement.contains(&drained));
+    f.fails(
+        &["server", "drain", f.block_server_addr(1)],
+        "InsufficientCapacity",
+    );
+    f.fails(
+        &["server", "drain", "127.0.0.1:1"],
+        "not one of the configured",
+    );
 }

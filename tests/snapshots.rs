@@ -346,10 +346,27 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
     }
 }
 
+/// Waits until every agent's replicas are back in sync (they repair on their own).
+async fn wait_all_in_sync(agents: &[Arc<AgentVolume>]) {
+    let start = std::time::Instant::now();
+    while !agents.iter().all(|a| {
+        a.replicas()
+            .status()
+            .iter()
+            .all(|r| r.health == blockfleet_core::blockproto::Health::InSync)
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "replicas not repaired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
     let mut f = Fleet::start(FleetOptions::default());
-    // Three volumes, one per block server, each with 16 MiB of data.
+    // Three volumes, each with 16 MiB of data.
     let (instance, vols, agents) = f.instance_with_volumes(3, 3, 32 << 20).await;
     for (i, a) in agents.iter().enumerate() {
         for u in 0..(16 << 20) / UNIT {
@@ -358,8 +375,10 @@ async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
                 .unwrap();
         }
     }
-    let servers: HashSet<_> = vols.iter().map(|v| v.placement[0].clone()).collect();
-    assert_eq!(servers.len(), 3);
+    for v in &vols {
+        let servers: HashSet<_> = v.placement.iter().collect();
+        assert_eq!(servers.len(), 3, "every volume on all three block servers");
+    }
     let req = |token: Option<&str>| CreateSnapshotsRequest {
         instance_id: instance.clone(),
         exclude_boot_volume: false,
@@ -370,12 +389,25 @@ async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
         client_token: token.map(str::to_owned),
     };
     let archive = archive(&f).await;
+    let tf_kms = f.kms("AKTF", "tf-secret-0123").await;
 
-    // A good set first: its chunks must survive the failed set's cleanup.
+    // One block server killed right after the cut: the set completes from the other replicas.
     let good = f.cp.create_snapshots(&req(None)).await.unwrap();
+    f.kill_block_server(0);
     let good = wait_set(&f, &good.set_id).await;
-    assert_eq!(good.state, SnapshotState::Completed);
-    // New data on every volume, then a set whose third volume's block server dies mid-call.
+    assert_eq!(good.state, SnapshotState::Completed, "{good:?}");
+    for s in &good.snapshots {
+        let i = vols
+            .iter()
+            .position(|v| v.volume_id == s.volume_id)
+            .unwrap();
+        assert!(
+            snapshot_bytes(&archive, &tf_kms, &s.snapshot_id).await == read_all(&agents[i]).await
+        );
+    }
+    f.restart_block_server(0);
+    wait_all_in_sync(&agents).await;
+    // New data on every volume, then a set two of whose three block servers die mid-call.
     for (i, a) in agents.iter().enumerate() {
         for u in 0..(8 << 20) / UNIT {
             a.write(
@@ -388,12 +420,10 @@ async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
             .unwrap();
         }
     }
-    let victim = (0..3)
-        .find(|&i| f.block_server_addr(i) == vols[2].placement[0])
-        .unwrap();
     let chunks_before = stored_chunks(&archive).await;
     let bad = f.cp.create_snapshots(&req(None)).await.unwrap();
-    f.kill_block_server(victim);
+    f.kill_block_server(1);
+    f.kill_block_server(2);
     let bad = wait_set(&f, &bad.set_id).await;
     assert_eq!(bad.state, SnapshotState::Error, "{bad:?}");
     assert!(bad
@@ -406,19 +436,14 @@ async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
             "a snapshot of the failed set is left"
         );
     }
-    // The two live volumes' new chunks were uploaded, then deleted with the set.
+    // Whatever the set stored was deleted with it.
     assert_eq!(stored_chunks(&archive).await, chunks_before);
     assert_eq!(
         chunks_before,
         referenced_chunks(&archive).await,
         "orphan chunks after the failed set"
     );
-    // The other volumes keep serving.
-    for a in &agents[..2] {
-        a.write(0, UNIT, Some(&record(42)), true).await.unwrap();
-        assert_eq!(a.read(0, UNIT as u32).await.unwrap(), record(42));
-    }
-    // A set including the dead server's volume is refused at the cut; nothing is made.
+    // Without a majority a set is refused at the cut; nothing is made.
     let before =
         f.cp.describe_snapshots(&Default::default())
             .await
@@ -433,6 +458,14 @@ async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
             .len(),
         before
     );
+    f.restart_block_server(1);
+    f.restart_block_server(2);
+    wait_all_in_sync(&agents).await;
+    // The volumes serve again.
+    for a in &agents {
+        a.write(0, UNIT, Some(&record(42)), true).await.unwrap();
+        assert_eq!(a.read(0, UNIT as u32).await.unwrap(), record(42));
+    }
 
     // The coordinator killed (-9) right after the cut: the restarted one finishes the set.
     let set =
@@ -445,7 +478,6 @@ async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
     f.restart_control_plane();
     let set = wait_set(&f, &set.set_id).await;
     assert_eq!(set.state, SnapshotState::Completed, "{set:?}");
-    let tf_kms = f.kms("AKTF", "tf-secret-0123").await;
     for s in &set.snapshots {
         let i = vols
             .iter()

@@ -188,6 +188,68 @@ pub struct AttachInfo {
     pub attachment: Attachment,
     /// Transform workers that fetch unhydrated chunks on demand (empty: none needed).
     pub fetch_endpoints: Vec<String>,
+    /// A block server being filled to take over from one of `replicas` (a drain): the host
+    /// agent writes to it too, and reports when it is in sync.
+    #[serde(default)]
+    pub joining: Option<String>,
+}
+
+/// `DrainBlockServer`: moves every replica off `server`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    pub server: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReply {
+    pub server: String,
+    /// Replicas to move.
+    pub volumes: u64,
+}
+
+/// One replica of a volume on a block server, as `DescribeBlockServers` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub volume_id: VolumeId,
+    /// `in_sync`, `behind` (chunks at a lower version than another replica's), `joining`
+    /// (being filled by a drain), `leaving` (being drained), or `unreachable`.
+    pub state: String,
+    /// Chunks this replica lacks the newest version of (repair still to do).
+    pub behind_chunks: Option<u64>,
+    /// What the volume's host agent last reported for this replica (attached volumes).
+    pub agent_health: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockServerView {
+    pub address: String,
+    pub reachable: bool,
+    pub draining: bool,
+    pub volumes: Vec<ReplicaView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockServersReply {
+    pub servers: Vec<BlockServerView>,
+}
+
+/// A host agent's view of its volume's replicas (`internal/ReportReplicas`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaReport {
+    pub volume_id: VolumeId,
+    pub replicas: Vec<ReplicaHealth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaHealth {
+    pub address: String,
+    /// `in_sync`, `repairing` or `out`.
+    pub health: String,
+    pub repair_done: u64,
+    pub repair_total: u64,
 }
 
 // ---- snapshots (the coordinator) ----
@@ -511,6 +573,33 @@ impl ControlPlaneClient {
         };
         let r: InstancesReply = self.http.post("/v1/DescribeInstances", &req).await?;
         Ok(r.instances)
+    }
+
+    pub async fn describe_block_servers(&self) -> Result<Vec<BlockServerView>, HttpError> {
+        let r: BlockServersReply = self
+            .http
+            .post("/v1/DescribeBlockServers", &serde_json::json!({}))
+            .await?;
+        Ok(r.servers)
+    }
+
+    pub async fn drain_block_server(&self, server: &str) -> Result<DrainReply, HttpError> {
+        self.http
+            .post(
+                "/v1/DrainBlockServer",
+                &DrainRequest {
+                    server: server.to_owned(),
+                },
+            )
+            .await
+    }
+
+    pub async fn report_replicas(&self, report: &ReplicaReport) -> Result<(), HttpError> {
+        let _: serde_json::Value = self
+            .http
+            .post("/v1/internal/ReportReplicas", report)
+            .await?;
+        Ok(())
     }
 
     pub async fn attach_info(&self, id: &VolumeId) -> Result<AttachInfo, HttpError> {

@@ -38,7 +38,14 @@ pub struct VolumeRecord {
     pub snapshot_id: Option<SnapshotId>,
     #[serde(default)]
     pub source_volume_id: Option<VolumeId>,
+    /// The block servers holding the replicas.
     pub placement: Vec<String>,
+    /// Bumped on every placement change.
+    #[serde(default)]
+    pub placement_generation: u64,
+    /// A replica being moved (a drain): `.1` is filled from the others, then replaces `.0`.
+    #[serde(default)]
+    pub moving: Option<(String, String)>,
     pub job_id: Option<String>,
     pub attachment: Option<AttachmentRecord>,
     pub created_at: u64,

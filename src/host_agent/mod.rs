@@ -2,13 +2,15 @@
 //! keeps the volume's key; block servers see only ciphertext.
 //!
 //! - `blockfleet_core::nbd`: protocol constants, parsers and framing.
-//! - [`volume`]: the crypto data path to the block server.
+//! - [`volume`]: the crypto data path to the block servers (through the replica set).
+//! - [`placement`]: follows placement changes (drains) and reports replica health.
 //!
 //! Per connection: the option handshake (EXPORT_NAME, INFO, GO, LIST, ABORT,
 //! STRUCTURED_REPLY), then a reader that parses requests and runs each as its own task (at most
 //! 64 at once) and a writer that sends replies in completion order. A malformed header or an
 //! oversized write loses framing: that connection closes, others go on.
 
+pub mod placement;
 pub mod volume;
 
 use std::future::Future;
@@ -20,6 +22,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use blockfleet_core::nbd::*;
+pub use placement::follow_placement;
 pub use volume::{AgentMetrics, AgentVolume, Fetcher};
 
 const MAX_INFLIGHT: usize = 64;

@@ -211,6 +211,7 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
 
 /// A small seeded generator (splitmix64) for test and bench workloads: reproducible, no
 /// dependency.
+#[derive(Debug)]
 pub struct Rng(u64);
 
 impl Rng {

@@ -73,6 +73,8 @@ pub struct FleetOptions {
     pub background_mib_per_sec: u64,
     pub concurrency: usize,
     pub poll_ms: u64,
+    /// Block server processes (volumes have three replicas).
+    pub block_servers: usize,
 }
 
 impl Default for FleetOptions {
@@ -82,11 +84,12 @@ impl Default for FleetOptions {
             background_mib_per_sec: 0,
             concurrency: 8,
             poll_ms: 100,
+            block_servers: 3,
         }
     }
 }
 
-/// KMS, three block servers, control plane and a transform worker, each a `blockfleet`
+/// KMS, block servers (three by default), control plane and a transform worker, each a `blockfleet`
 /// process on 127.0.0.1, sharing one config file.
 pub struct Fleet {
     pub dir: tempfile::TempDir,
@@ -108,7 +111,7 @@ impl Fleet {
         let d = dir.path().display();
         let (kms, cp, tf, tfm) = (free_port(), free_port(), free_port(), free_port());
         let cpm = free_port();
-        let bs: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let bs: Vec<u16> = (0..o.block_servers).map(|_| free_port()).collect();
         let servers = bs
             .iter()
             .map(|p| format!("\"127.0.0.1:{p}\""))

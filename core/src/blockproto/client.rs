@@ -543,6 +543,11 @@ impl BlockClient {
         &self.shared.addr
     }
 
+    /// Whether the connection is gone (the server closed it, or a send failed).
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().is_err()
+    }
+
     async fn done(&self, req: Request, name: &'static str) -> Result<(), ClientError> {
         match self.call(req).await? {
             Response::Done => Ok(()),

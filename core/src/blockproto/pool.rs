@@ -25,7 +25,9 @@ impl BlockPool {
             .unwrap_or_else(|p| p.into_inner())
             .get(addr)
         {
-            return Ok(Arc::clone(c));
+            if !c.is_closed() {
+                return Ok(Arc::clone(c));
+            }
         }
         let c = tokio::time::timeout(Duration::from_secs(5), BlockClient::connect(addr))
             .await

@@ -17,7 +17,8 @@
 //!   lock. Then it is in sync and serves reads.
 //! - **Reads** go to one in-sync replica (round robin), the next on failure.
 //! - **Marks**: Pause and MarkResume need a majority; a chunk at a mark is read from a
-//!   replica with the highest version at that mark, so a stale replica's cut is never used.
+//!   replica with the highest version at that mark among a majority's (which includes one
+//!   that had every acknowledged write), so a stale replica's cut is never used.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -61,6 +62,8 @@ struct Member {
     reason: Option<String>,
     repair_total: u64,
     repair_done: u64,
+    /// No longer placed (moved away): kept so member indices stay put, never used again.
+    retired: bool,
 }
 
 /// One replica as reported: address, health, why it is out, repair progress (chunks).
@@ -91,8 +94,8 @@ const STRIPES: usize = 256;
 pub struct ReplicatedVolume {
     volume: VolumeId,
     members: Mutex<Vec<Member>>,
-    /// Majority of the placement.
-    quorum: usize,
+    /// Majority of the placement (a replica joining during a move is not counted).
+    quorum: AtomicUsize,
     timeout: Duration,
     chunks: u64,
     /// Writes hold it shared; a rejoin's compare-and-reset holds it exclusively.
@@ -100,6 +103,10 @@ pub struct ReplicatedVolume {
     /// Per chunk stripe: writes shared, the repair of a chunk exclusive.
     stripes: Vec<tokio::sync::RwLock<()>>,
     next_read: AtomicUsize,
+    /// Set for the volume's writer (`spawn_repair`): only it may repair replicas.
+    writer: std::sync::atomic::AtomicBool,
+    /// One repair pass at a time (the loop's, or a write's that lacks a majority).
+    repairing: tokio::sync::Mutex<()>,
     /// Versions at a mark per member (`None`: the member lacks the mark), for reads at marks.
     mark_versions: Mutex<Option<(u64, Arc<Vec<Option<Vec<u64>>>>)>>,
     pub metrics: ReplicaMetrics,
@@ -149,7 +156,7 @@ async fn all_versions(
 
 impl ReplicatedVolume {
     fn new(volume: VolumeId, members: Vec<Member>, timeout: Duration, chunks: u64) -> Self {
-        let quorum = members.len() / 2 + 1;
+        let quorum = AtomicUsize::new(members.len() / 2 + 1);
         ReplicatedVolume {
             volume,
             members: Mutex::new(members),
@@ -159,6 +166,8 @@ impl ReplicatedVolume {
             gate: tokio::sync::RwLock::new(()),
             stripes: (0..STRIPES).map(|_| tokio::sync::RwLock::new(())).collect(),
             next_read: AtomicUsize::new(0),
+            writer: std::sync::atomic::AtomicBool::new(false),
+            repairing: tokio::sync::Mutex::new(()),
             mark_versions: Mutex::new(None),
             metrics: ReplicaMetrics::default(),
         }
@@ -195,6 +204,7 @@ impl ReplicatedVolume {
                 reason,
                 repair_total: 0,
                 repair_done: 0,
+                retired: false,
             });
         }
         let rv = ReplicatedVolume::new(volume, members, timeout, 0);
@@ -240,7 +250,7 @@ impl ReplicatedVolume {
                 Err(e) => return Err(e),
             }
         }
-        if versions.len() < rv.quorum {
+        if versions.len() < rv.quorum() {
             return Err(rv.quorum_error(versions.len(), "too few replicas reachable to open"));
         }
         let best: Vec<u64> = (0..rv.chunks as usize)
@@ -278,6 +288,79 @@ impl ReplicatedVolume {
         Ok(rv)
     }
 
+    fn quorum(&self) -> usize {
+        self.quorum.load(Ordering::Relaxed)
+    }
+
+    /// Follows a placement change (a move off a draining server): `placement` are the
+    /// replicas that count for the majority, `joining` one being filled to replace another.
+    /// New replicas start out and are filled by the repair loop; replicas no longer placed
+    /// are dropped.
+    pub fn set_members(&self, placement: &[String], joining: Option<&str>) {
+        let mut m = self.lock();
+        let wanted: Vec<&str> = placement
+            .iter()
+            .map(String::as_str)
+            .chain(joining)
+            .collect();
+        for x in m.iter_mut() {
+            if !x.retired && !wanted.contains(&x.addr.as_str()) {
+                tracing::info!(volume = %self.volume, replica = %x.addr, "replica retired");
+                x.retired = true;
+                x.health = Health::Out;
+                x.client = None;
+            }
+        }
+        for a in wanted {
+            if !m.iter().any(|x| x.addr == a && !x.retired) {
+                tracing::info!(volume = %self.volume, replica = a, "replica added");
+                m.push(Member {
+                    addr: a.to_owned(),
+                    client: None,
+                    health: Health::Out,
+                    reason: Some("new: not filled yet".into()),
+                    repair_total: 0,
+                    repair_done: 0,
+                    retired: false,
+                });
+            }
+        }
+        self.quorum
+            .store(placement.len() / 2 + 1, Ordering::Relaxed);
+    }
+
+    /// One pass of the repair loop: marks out replicas whose connection closed (a restarted
+    /// server: found now, not by the next write), then tries to bring back every replica
+    /// that is out.
+    pub async fn repair_out(&self) {
+        let _one = self.repairing.lock().await;
+        let closed: Vec<usize> = self
+            .lock()
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.client.as_ref().is_some_and(|c| c.is_closed()))
+            .map(|(i, _)| i)
+            .collect();
+        for i in closed {
+            self.mark_out(i, "connection closed");
+        }
+        let out: Vec<(usize, String)> = self
+            .lock()
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.health == Health::Out && !m.retired)
+            .map(|(i, m)| (i, m.addr.clone()))
+            .collect();
+        for (i, addr) in out {
+            let Ok(c) = connect(&addr, self.timeout).await else {
+                continue;
+            };
+            if let Err(e) = self.rejoin(i, c).await {
+                self.mark_out(i, &format!("rejoin failed: {e}"));
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Vec<Member>> {
         self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -294,6 +377,7 @@ impl ReplicatedVolume {
     pub fn status(&self) -> Vec<ReplicaStatus> {
         self.lock()
             .iter()
+            .filter(|m| !m.retired)
             .map(|m| ReplicaStatus {
                 addr: m.addr.clone(),
                 health: m.health,
@@ -313,7 +397,7 @@ impl ReplicatedVolume {
         ClientError::Quorum {
             volume: self.volume.to_string(),
             have,
-            need: self.quorum,
+            need: self.quorum(),
             detail: if reasons.is_empty() {
                 detail.to_owned()
             } else {
@@ -408,7 +492,7 @@ impl ReplicatedVolume {
             self.mark_out(i, &format!("disagreed with the other replicas: {e}"));
         }
         match first_ok {
-            Some(resp) if in_sync_ok >= self.quorum => Ok(resp),
+            Some(resp) if in_sync_ok >= self.quorum() => Ok(resp),
             _ => Err(self.quorum_error(in_sync_ok, "the change may be on fewer replicas")),
         }
     }
@@ -449,7 +533,26 @@ impl ReplicatedVolume {
         g
     }
 
+    /// For the writer: when fewer than a majority are in sync (say two servers restarted
+    /// since the last request), tries to bring replicas back now rather than fail the write.
+    async fn ensure_quorum(&self) {
+        if !self.writer.load(Ordering::Relaxed) {
+            return;
+        }
+        let live = self
+            .lock()
+            .iter()
+            .filter(|m| {
+                m.health == Health::InSync && m.client.as_ref().is_some_and(|c| !c.is_closed())
+            })
+            .count();
+        if live < self.quorum() {
+            self.repair_out().await;
+        }
+    }
+
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
+        self.ensure_quorum().await;
         let _gate = self.gate.read().await;
         let _chunks = self.lock_chunks(offset, data.len() as u64).await;
         self.replicate(Request::Write {
@@ -463,6 +566,7 @@ impl ReplicatedVolume {
     }
 
     pub async fn flush(&self) -> Result<(), ClientError> {
+        self.ensure_quorum().await;
         self.replicate(Request::Flush {
             volume: self.volume.clone(),
         })
@@ -557,7 +661,7 @@ impl ReplicatedVolume {
         };
         let results = self.send(&targets, &req).await;
         let ok = results.iter().filter(|(_, _, r)| r.is_ok()).count();
-        if ok >= self.quorum {
+        if ok >= self.quorum() {
             return Ok(());
         }
         self.resume().await;
@@ -588,7 +692,7 @@ impl ReplicatedVolume {
             .iter()
             .filter(|(_, _, r)| matches!(r, Ok(Response::MarkId(m)) if *m == id))
             .count();
-        if ok >= self.quorum {
+        if ok >= self.quorum() {
             return Ok(id);
         }
         self.release_mark(id).await;
@@ -643,9 +747,12 @@ impl ReplicatedVolume {
                 Err(e) => refusal = Some(e),
             }
         }
+        // A majority, for the same reason as `versions_at`.
         match (answered, refusal) {
-            (0, Some(e)) => Err(e),
-            (0, None) => Err(self.quorum_error(0, "no replica answered")),
+            (0, Some(e)) if !replica_fault(&e) => Err(e),
+            (n, _) if n < self.quorum() => {
+                Err(self.quorum_error(n, "too few replicas listed their changes"))
+            }
             _ => Ok(all.into_iter().collect()),
         }
     }
@@ -678,10 +785,14 @@ impl ReplicatedVolume {
                 }
             }
         }
-        if out.iter().all(Option::is_none) {
-            return Err(
-                refusal.unwrap_or_else(|| self.quorum_error(0, "no replica holds the mark"))
-            );
+        // A majority must answer: it includes a replica that had every write acknowledged
+        // before the cut, whose versions then lead; fewer could all be stale.
+        let have = out.iter().filter(|v| v.is_some()).count();
+        if have < self.quorum() {
+            return Err(match refusal {
+                Some(e) if !replica_fault(&e) && have == 0 => e,
+                _ => self.quorum_error(have, "too few replicas hold the mark"),
+            });
         }
         let v = Arc::new(out);
         *self.mark_versions.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -728,26 +839,13 @@ impl ReplicatedVolume {
     /// Keeps bringing back replicas that are out (every `every`), for the volume's writer,
     /// until the volume is dropped.
     pub fn spawn_repair(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        self.writer.store(true, Ordering::Relaxed);
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(me) = weak.upgrade() else { return };
-                let out: Vec<(usize, String)> = me
-                    .lock()
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, m)| m.health == Health::Out)
-                    .map(|(i, m)| (i, m.addr.clone()))
-                    .collect();
-                for (i, addr) in out {
-                    let Ok(c) = connect(&addr, me.timeout).await else {
-                        continue;
-                    };
-                    if let Err(e) = me.rejoin(i, c).await {
-                        me.mark_out(i, &format!("rejoin failed: {e}"));
-                    }
-                }
+                me.repair_out().await;
             }
         })
     }
@@ -798,6 +896,9 @@ impl ReplicatedVolume {
         {
             let mut m = self.lock();
             let m = &mut m[i];
+            if m.retired {
+                return Err(lost(&addr, "no longer a replica"));
+            }
             m.client = Some(Arc::clone(&client));
             m.health = Health::Repairing;
             m.reason = None;

@@ -237,6 +237,7 @@ impl ControlPlane {
             } else {
                 Vec::new()
             },
+            joining: v.moving.as_ref().map(|(_, to)| to.clone()),
         })
     }
 }

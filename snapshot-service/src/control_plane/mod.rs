@@ -7,6 +7,7 @@
 //! - [`jobs`]: the transform fleet's side: ClaimJob, ReportJob, JobForVolume, AttachInfo.
 //! - [`snapshots`]: CreateSnapshots, DescribeSnapshotSet, DescribeSnapshots, DeleteSnapshot,
 //!   ListChangedBlocks.
+//! - [`servers`]: DescribeBlockServers, DrainBlockServer, and host agents' replica reports.
 //! - [`coordinator`]: the cut across a set's volumes, their uploads, failure cleanup and
 //!   chunk garbage collection.
 //!
@@ -15,6 +16,7 @@
 
 mod coordinator;
 mod jobs;
+mod servers;
 mod snapshots;
 mod volumes;
 
@@ -24,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use blockfleet_core::api::ReplicaReport;
 use blockfleet_core::blockproto::{BlockPool, ClientError, Health, ReplicatedVolume};
 use blockfleet_core::config::{ControlPlaneConfig, KmsClientConfig};
 use blockfleet_core::httpjson::{self, ApiError, Reply};
@@ -75,7 +78,7 @@ pub(crate) fn replicas_error(e: &ClientError) -> ApiError {
 
 /// How long a block server may take to answer the control plane before its replica counts as
 /// out for that call.
-const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) fn block_error(addr: &str, e: &ClientError) -> ApiError {
     ApiError::unavailable(
@@ -107,6 +110,8 @@ pub(crate) struct ControlPlane {
     metrics: OpMetrics<2>,
     /// The last mark id handed out (see `next_mark_id`).
     last_mark: AtomicU64,
+    /// Host agents' latest views of their volumes' replicas, with when each came.
+    replica_reports: Mutex<HashMap<VolumeId, (ReplicaReport, u64)>>,
 }
 
 impl ControlPlane {
@@ -198,6 +203,9 @@ impl ControlPlane {
             "DescribeSnapshots" => self.describe_snapshots(&body),
             "DeleteSnapshot" => self.delete_snapshot(&body).await,
             "ListChangedBlocks" => self.list_changed_blocks(&body).await,
+            "DescribeBlockServers" => self.describe_block_servers(&body).await,
+            "DrainBlockServer" => self.drain_block_server(&body).await,
+            "internal/ReportReplicas" => self.report_replicas(&body),
             "internal/AttachInfo" => self.attach_info(&body),
             "internal/ClaimJob" => self.claim_job(&body).await,
             "internal/ReportJob" => self.report_job(&body).await,
@@ -246,6 +254,7 @@ pub async fn run(
         gc: tokio::sync::RwLock::new(()),
         metrics: OpMetrics::new(["pause_window", "snapshot_set"]),
         last_mark: AtomicU64::new(0),
+        replica_reports: Mutex::new(HashMap::new()),
     });
     if let Some(addr) = &cp.config.metrics_listen {
         let l = TcpListener::bind(addr)

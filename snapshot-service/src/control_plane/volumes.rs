@@ -67,18 +67,31 @@ impl ControlPlane {
                 }
             }
         }
+        let draining = self.draining()?;
         let mut order: Vec<(usize, usize, &String)> = self
             .config
             .block_servers
             .iter()
+            .filter(|b| !draining.contains(*b))
             .enumerate()
             .map(|(i, b)| (load[b.as_str()], i, b))
             .collect();
         order.sort();
-        Ok(pick_replicas(
+        let picked = pick_replicas(
             order.into_iter().map(|(_, _, b)| b.clone()),
             self.config.replicas,
-        ))
+        );
+        if picked.len() < self.config.replicas {
+            return Err(ApiError::unavailable(
+                "InsufficientCapacity",
+                format!(
+                    "{} replicas needed, {} block servers take new volumes (others are draining)",
+                    self.config.replicas,
+                    picked.len()
+                ),
+            ));
+        }
+        Ok(picked)
     }
 
     /// A volume that can be copied: whole (hydration done), not impaired, not being deleted.
@@ -299,6 +312,8 @@ impl ControlPlane {
                     snapshot_id: req.snapshot_id.clone(),
                     source_volume_id: req.source_volume_id.clone(),
                     placement: placement.clone(),
+                    placement_generation: 1,
+                    moving: None,
                     job_id: job_id.clone(),
                     attachment: None,
                     created_at: now_ms() / 1000,
@@ -541,6 +556,15 @@ impl ControlPlane {
                 format!("volume {} is {:?}, not available", v.id, v.state),
             ));
         }
+        if let Some((from, _)) = &v.moving {
+            return Err(ApiError::conflict(
+                "IncorrectState",
+                format!(
+                    "volume {} is moving off block server {from} (a drain); attach it when that is done",
+                    v.id
+                ),
+            ));
+        }
         for other in self.state.volumes()? {
             if let Some(a) = &other.attachment {
                 let a = &a.attachment;
@@ -654,7 +678,7 @@ impl ControlPlane {
 
 /// The first `n` of `servers` (in preference order) on distinct hosts, then distinct servers
 /// to make up the number.
-fn pick_replicas(servers: impl Iterator<Item = String>, n: usize) -> Vec<String> {
+pub(super) fn pick_replicas(servers: impl Iterator<Item = String>, n: usize) -> Vec<String> {
     let servers: Vec<String> = servers.collect();
     let host = |s: &str| s.rsplit_once(':').map_or(s, |(h, _)| h).to_owned();
     let mut out: Vec<String> = Vec::new();

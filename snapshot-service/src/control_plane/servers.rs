@@ -1,0 +1,390 @@
+//! Block servers as operators see them: `DescribeBlockServers` (reachability, the replicas
+//! each holds and whether each is in sync, from the replicas' chunk versions and the host
+//! agents' reports) and `DrainBlockServer`, which moves every replica off one server while
+//! the volumes serve: a new replica is placed, filled from the others (by the volume's host
+//! agent when attached, which writes to it meanwhile; by the control plane otherwise), and
+//! only then does the placement switch to it and the old replica go.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockfleet_core::api::{
+    BlockServerView, DrainReply, DrainRequest, HydrationState, ReplicaReport, ReplicaView,
+};
+use blockfleet_core::blockproto::{Health, ReplicatedVolume};
+use blockfleet_core::httpjson::{parse, ApiError, Reply};
+use blockfleet_core::ids::VolumeId;
+use blockfleet_core::units::CHUNK;
+use serde_json::json;
+
+use super::{block_error, now_ms, replicas_error, ControlPlane, REPLICA_TIMEOUT};
+use crate::state::VolumeRecord;
+
+const DRAINING_SETTING: &str = "draining_block_servers";
+/// How long a move waits for an attached volume's host agent to fill the new replica.
+const AGENT_FILL_TIMEOUT: Duration = Duration::from_secs(300);
+/// An agent report older than this is not used.
+const REPORT_FRESH_MS: u64 = 5000;
+
+impl ControlPlane {
+    /// Block servers being drained: nothing new is placed on them.
+    pub(super) fn draining(&self) -> Result<BTreeSet<String>, ApiError> {
+        Ok(self
+            .state
+            .setting(DRAINING_SETTING)?
+            .map(|s| {
+                s.split(',')
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn set_draining(&self, set: &BTreeSet<String>) -> Result<(), ApiError> {
+        let v: Vec<&str> = set.iter().map(String::as_str).collect();
+        self.state.put_setting(DRAINING_SETTING, &v.join(","))?;
+        self.state.flush()?;
+        Ok(())
+    }
+
+    /// `internal/ReportReplicas`: a host agent's view of its volume's replicas.
+    pub(super) fn report_replicas(&self, body: &[u8]) -> Reply {
+        let r: ReplicaReport = parse(body)?;
+        self.get_volume(&r.volume_id)?;
+        self.replica_reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(r.volume_id.clone(), (r, now_ms()));
+        Ok(json!({}))
+    }
+
+    fn fresh_report(&self, id: &VolumeId, since: u64) -> Option<ReplicaReport> {
+        let reports = self
+            .replica_reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (r, at) = reports.get(id)?;
+        (*at >= since && now_ms().saturating_sub(*at) <= REPORT_FRESH_MS).then(|| r.clone())
+    }
+
+    pub(super) async fn describe_block_servers(&self, _body: &[u8]) -> Reply {
+        let draining = self.draining()?;
+        let mut reachable = HashMap::new();
+        for b in &self.config.block_servers {
+            let ok = tokio::time::timeout(Duration::from_secs(2), self.blocks.get(b))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !ok {
+                self.blocks.forget(b);
+            }
+            reachable.insert(b.clone(), ok);
+        }
+        let mut views: HashMap<String, Vec<ReplicaView>> = HashMap::new();
+        for v in self.state.volumes()? {
+            let behind = self.behind_chunks(&v).await;
+            let report = self.fresh_report(&v.id, 0);
+            let members = v
+                .placement
+                .iter()
+                .chain(v.moving.as_ref().map(|(_, to)| to));
+            for addr in members {
+                let state = match (&v.moving, behind.get(addr)) {
+                    (Some((_, to)), _) if to == addr => "joining",
+                    (Some((from, _)), _) if from == addr => "leaving",
+                    (_, Some(0)) => "in_sync",
+                    (_, Some(_)) => "behind",
+                    (_, None) => "unreachable",
+                };
+                let agent_health = report.as_ref().and_then(|r| {
+                    r.replicas
+                        .iter()
+                        .find(|x| &x.address == addr)
+                        .map(|x| x.health.clone())
+                });
+                views.entry(addr.clone()).or_default().push(ReplicaView {
+                    volume_id: v.id.clone(),
+                    state: state.into(),
+                    behind_chunks: behind.get(addr).copied(),
+                    agent_health,
+                });
+            }
+        }
+        let servers: Vec<BlockServerView> = self
+            .config
+            .block_servers
+            .iter()
+            .map(|b| BlockServerView {
+                address: b.clone(),
+                reachable: reachable[b],
+                draining: draining.contains(b),
+                volumes: views.remove(b).unwrap_or_default(),
+            })
+            .collect();
+        Ok(json!({ "servers": servers }))
+    }
+
+    /// Per replica address: how many chunks it holds at a lower version than the newest any
+    /// replica holds (absent: unreachable).
+    async fn behind_chunks(&self, v: &VolumeRecord) -> HashMap<String, u64> {
+        let mut versions: Vec<(String, Vec<u64>)> = Vec::new();
+        let addrs = v
+            .placement
+            .iter()
+            .chain(v.moving.as_ref().map(|(_, to)| to));
+        for a in addrs {
+            let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), self.blocks.get(a)).await
+            else {
+                continue;
+            };
+            let mut all = Vec::new();
+            let n = v.size.div_ceil(CHUNK);
+            let ok = loop {
+                if all.len() as u64 >= n {
+                    break true;
+                }
+                match c.chunk_versions(&v.id, 0, all.len() as u64, 65536).await {
+                    Ok(p) if !p.is_empty() => all.extend(p),
+                    Ok(_) => break true,
+                    Err(e) => {
+                        self.blocks.forget_if_broken(a, &e);
+                        break false;
+                    }
+                }
+            };
+            if ok {
+                versions.push((a.clone(), all));
+            }
+        }
+        let n = versions.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+        let best: Vec<u64> = (0..n)
+            .map(|c| {
+                versions
+                    .iter()
+                    .filter_map(|(_, v)| v.get(c))
+                    .max()
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        versions
+            .into_iter()
+            .map(|(a, v)| {
+                let behind = best
+                    .iter()
+                    .enumerate()
+                    .filter(|(c, b)| v.get(*c).is_none_or(|x| x < b))
+                    .count() as u64;
+                (a, behind)
+            })
+            .collect()
+    }
+
+    /// `DrainBlockServer`: no new replicas on `server`; every replica it holds moves to
+    /// another server in the background (`DescribeBlockServers` shows progress).
+    pub(super) async fn drain_block_server(self: &Arc<Self>, body: &[u8]) -> Reply {
+        let req: DrainRequest = parse(body)?;
+        if !self.config.block_servers.contains(&req.server) {
+            return Err(ApiError::bad_request(
+                "InvalidParameterValue",
+                format!(
+                    "{} is not one of the configured block servers ({})",
+                    req.server,
+                    self.config.block_servers.join(", ")
+                ),
+            ));
+        }
+        let volumes = {
+            let _changes = self.changes.lock().await;
+            let mut draining = self.draining()?;
+            let others = self
+                .config
+                .block_servers
+                .iter()
+                .filter(|b| **b != req.server && !draining.contains(*b))
+                .count();
+            if others < self.config.replicas {
+                return Err(ApiError::conflict(
+                    "InsufficientCapacity",
+                    format!(
+                        "draining {} would leave {others} block servers for {} replicas per volume",
+                        req.server, self.config.replicas
+                    ),
+                ));
+            }
+            draining.insert(req.server.clone());
+            self.set_draining(&draining)?;
+            self.state
+                .volumes()?
+                .iter()
+                .filter(|v| v.placement.contains(&req.server))
+                .count() as u64
+        };
+        let me = Arc::clone(self);
+        let server = req.server.clone();
+        tokio::spawn(async move { me.drain(&server).await });
+        serde_json::to_value(DrainReply {
+            server: req.server,
+            volumes,
+        })
+        .map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    /// Moves each replica off `server`, one volume at a time; a failed move is logged and
+    /// retried on the next pass (every 2 s) until none is left.
+    async fn drain(self: Arc<Self>, server: &str) {
+        loop {
+            let Ok(vols) = self.state.volumes() else {
+                return;
+            };
+            let todo: Vec<VolumeRecord> = vols
+                .into_iter()
+                .filter(|v| v.placement.iter().any(|p| p == server))
+                .collect();
+            if todo.is_empty() {
+                tracing::info!(server, "block server drained");
+                return;
+            }
+            for v in todo {
+                if let Err(e) = self.move_replica(&v.id, server).await {
+                    tracing::warn!(volume = %v.id, server, error = %e.message, "replica move failed; will retry");
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Moves volume `id`'s replica on `from` to another block server.
+    async fn move_replica(&self, id: &VolumeId, from: &str) -> Result<(), ApiError> {
+        let started = now_ms();
+        let (v, to) = {
+            let _changes = self.changes.lock().await;
+            let v = self.get_volume(id)?;
+            if !v.placement.iter().any(|p| p == from) {
+                return Ok(());
+            }
+            if let Some(j) = &v.job_id {
+                if self
+                    .state
+                    .job(j)?
+                    .is_some_and(|j| j.state != HydrationState::Done)
+                {
+                    return Err(ApiError::conflict(
+                        "IncorrectState",
+                        format!("volume {id} is hydrating: moved when that is done"),
+                    ));
+                }
+            }
+            let to = match &v.moving {
+                Some((f, to)) if f == from => to.clone(),
+                _ => self.move_target(&v)?,
+            };
+            let r = self.replicas(id, &v.placement).await?;
+            let stat = r.stat().await.map_err(|e| replicas_error(&e))?;
+            let c = self
+                .blocks
+                .get(&to)
+                .await
+                .map_err(|e| block_error(&to, &e))?;
+            match c.create_volume(id, v.size, stat.hydrating).await {
+                Ok(()) => {}
+                Err(e)
+                    if e.code() == Some(blockfleet_core::blockproto::ErrorCode::VolumeExists) => {}
+                Err(e) => return Err(block_error(&to, &e)),
+            }
+            let mut v = v;
+            v.moving = Some((from.to_owned(), to.clone()));
+            self.state.put_volume(&v)?;
+            self.state.flush()?;
+            (v, to)
+        };
+        tracing::info!(volume = %id, from, to = %to, "moving a replica");
+        if v.attachment.is_some() {
+            // The host agent writes to the new replica and fills it; wait for its word.
+            let deadline = Instant::now() + AGENT_FILL_TIMEOUT;
+            loop {
+                let done = self.fresh_report(id, started).is_some_and(|r| {
+                    r.replicas
+                        .iter()
+                        .any(|x| x.address == to && x.health == Health::InSync.as_str())
+                });
+                if done {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(ApiError::unavailable(
+                        "DrainTimedOut",
+                        format!("the host agent of {id} did not fill {to} in time"),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        } else {
+            // Nobody writes an unattached volume (attaching waits for the move): fill it here.
+            let r = ReplicatedVolume::open(id.clone(), &v.placement, REPLICA_TIMEOUT)
+                .await
+                .map_err(|e| replicas_error(&e))?;
+            r.set_members(&v.placement, Some(&to));
+            r.repair_out().await;
+            r.repair_out().await;
+            let filled = r.status().iter().all(|s| s.health == Health::InSync);
+            if !filled {
+                return Err(ApiError::unavailable(
+                    "BlockServerUnavailable",
+                    format!("could not fill {to} for {id}: {:?}", r.status()),
+                ));
+            }
+        }
+        {
+            let _changes = self.changes.lock().await;
+            let mut v = self.get_volume(id)?;
+            v.placement = v
+                .placement
+                .iter()
+                .map(|p| if p == from { to.clone() } else { p.clone() })
+                .collect();
+            v.moving = None;
+            v.placement_generation += 1;
+            self.state.put_volume(&v)?;
+            self.state.flush()?;
+        }
+        // The old replica goes last; a server that is down keeps it until it is wiped.
+        match self.blocks.get(from).await {
+            Ok(c) => {
+                if let Err(e) = c.delete_volume(id).await {
+                    tracing::warn!(volume = %id, server = from, error = %e, "could not delete the moved-off replica")
+                }
+            }
+            Err(e) => {
+                tracing::warn!(volume = %id, server = from, error = %e, "could not delete the moved-off replica")
+            }
+        }
+        tracing::info!(volume = %id, from, to = %to, "replica moved");
+        Ok(())
+    }
+
+    /// The least loaded block server not holding `v` and not draining.
+    fn move_target(&self, v: &VolumeRecord) -> Result<String, ApiError> {
+        let draining = self.draining()?;
+        let mut load: HashMap<&str, usize> = HashMap::new();
+        let vols = self.state.volumes()?;
+        for x in &vols {
+            for p in &x.placement {
+                *load.entry(p.as_str()).or_default() += 1;
+            }
+        }
+        self.config
+            .block_servers
+            .iter()
+            .filter(|b| !v.placement.contains(b) && !draining.contains(*b))
+            .min_by_key(|b| load.get(b.as_str()).copied().unwrap_or(0))
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::conflict(
+                    "InsufficientCapacity",
+                    format!("no block server to move a replica of {} to", v.id),
+                )
+            })
+    }
+}
