@@ -159,9 +159,13 @@ fn main() {
         let xts = Arc::new(Xts::new(&XtsKey::generate()));
         let vol = Arc::new(AgentVolume::open(
             Arc::new(
-                ReplicatedVolume::open(v.clone(), &[bs_addr.clone()], Duration::from_secs(5))
-                    .await
-                    .expect("open"),
+                ReplicatedVolume::open(
+                    v.clone(),
+                    std::slice::from_ref(&bs_addr),
+                    Duration::from_secs(5),
+                )
+                .await
+                .expect("open"),
             ),
             Some(xts),
             None,

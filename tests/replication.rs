@@ -2,6 +2,7 @@
 //! or stopped (SIGSTOP) and brought back, again and again, under random writes through the
 //! host agent's data path; then every acknowledged write must read back from every replica
 //! and the replicas' extent files must be identical.
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
 
 mod common;
 

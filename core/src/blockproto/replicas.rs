@@ -89,6 +89,9 @@ pub struct ReplicaMetrics {
 
 const STRIPES: usize = 256;
 
+/// Chunk versions at one mark, per member (`None`: that member does not hold the mark).
+type MarkVersions = Arc<Vec<Option<Vec<u64>>>>;
+
 /// The replicas of one volume.
 #[derive(Debug)]
 pub struct ReplicatedVolume {
@@ -108,7 +111,7 @@ pub struct ReplicatedVolume {
     /// One repair pass at a time (the loop's, or a write's that lacks a majority).
     repairing: tokio::sync::Mutex<()>,
     /// Versions at a mark per member (`None`: the member lacks the mark), for reads at marks.
-    mark_versions: Mutex<Option<(u64, Arc<Vec<Option<Vec<u64>>>>)>>,
+    mark_versions: Mutex<Option<(u64, MarkVersions)>>,
     pub metrics: ReplicaMetrics,
 }
 
@@ -269,10 +272,12 @@ impl ReplicatedVolume {
             }
             let holder = versions.iter().find(|(_, _, v)| v[c] == best[c]);
             let (hi, hc, _) = holder.ok_or_else(|| rv.quorum_error(0, "lost a version"))?;
-            let (info, data) = hc.read_mark(&rv.volume, 0, c as u64).await.map_err(|e| {
-                rv.mark_out(*hi, &e.to_string());
-                e
-            })?;
+            let (info, data) = hc
+                .read_mark(&rv.volume, 0, c as u64)
+                .await
+                .inspect_err(|e| {
+                    rv.mark_out(*hi, &e.to_string());
+                })?;
             let data = if info.has_data() { data } else { Bytes::new() };
             base.1
                 .put_chunk(&rv.volume, c as u64, u64::MAX, info, data)
@@ -758,7 +763,7 @@ impl ReplicatedVolume {
     }
 
     /// Versions at `mark` of every replica holding it (fetched once per mark).
-    async fn versions_at(&self, mark: u64) -> Result<Arc<Vec<Option<Vec<u64>>>>, ClientError> {
+    async fn versions_at(&self, mark: u64) -> Result<MarkVersions, ClientError> {
         if let Some((m, v)) = &*self.mark_versions.lock().unwrap_or_else(|p| p.into_inner()) {
             if *m == mark {
                 return Ok(Arc::clone(v));
