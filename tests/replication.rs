@@ -62,6 +62,24 @@ fn start_writers(
         .collect()
 }
 
+/// Stops the writers; none of their writes may have failed.
+async fn stop_writers(
+    stop: &AtomicBool,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    model: &Model,
+    when: &str,
+) {
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        model.failed.load(Ordering::Relaxed),
+        0,
+        "writes failed {when}"
+    );
+}
+
 async fn wait_in_sync(agent: &AgentVolume, within: Duration) {
     let start = Instant::now();
     loop {
@@ -197,15 +215,7 @@ async fn fault_cycles(kill: bool) {
         }
         repaired_before = repaired;
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
-    assert_eq!(
-        model.failed.load(Ordering::Relaxed),
-        0,
-        "writes failed with a majority up"
-    );
+    stop_writers(&stop, writers, &model, "with a majority up").await;
     assert!(
         agent
             .replicas()
@@ -360,15 +370,7 @@ async fn drain_moves_replicas_under_load() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
-    assert_eq!(
-        model.failed.load(Ordering::Relaxed),
-        0,
-        "a write failed during the drain"
-    );
+    stop_writers(&stop, writers, &model, "during the drain").await;
     wait_in_sync(&agent, Duration::from_secs(30)).await;
     check_replicas_on(&f, &agent, &volume, &model, &[1, 2, 3]).await;
     let ls = f.ok(&["-o", "json", "server", "ls"]);

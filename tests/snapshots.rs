@@ -346,6 +346,23 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
     }
 }
 
+/// Every snapshot of `set` restores to its volume as the agent reads it now.
+async fn assert_set_is_volumes(
+    set: &SnapshotSet,
+    vols: &[blockfleet_core::api::Volume],
+    agents: &[Arc<AgentVolume>],
+    archive: &Archive,
+    kms: &Kms,
+) {
+    for s in &set.snapshots {
+        let i = vols
+            .iter()
+            .position(|v| v.volume_id == s.volume_id)
+            .unwrap();
+        assert!(snapshot_bytes(archive, kms, &s.snapshot_id).await == read_all(&agents[i]).await);
+    }
+}
+
 /// Waits until every agent's replicas are back in sync (they repair on their own).
 async fn wait_all_in_sync(agents: &[Arc<AgentVolume>]) {
     let start = std::time::Instant::now();
@@ -396,15 +413,7 @@ async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
     f.kill_block_server(0);
     let good = wait_set(&f, &good.set_id).await;
     assert_eq!(good.state, SnapshotState::Completed, "{good:?}");
-    for s in &good.snapshots {
-        let i = vols
-            .iter()
-            .position(|v| v.volume_id == s.volume_id)
-            .unwrap();
-        assert!(
-            snapshot_bytes(&archive, &tf_kms, &s.snapshot_id).await == read_all(&agents[i]).await
-        );
-    }
+    assert_set_is_volumes(&good, &vols, &agents, &archive, &tf_kms).await;
     f.restart_block_server(0);
     wait_all_in_sync(&agents).await;
     // New data on every volume, then a set two of whose three block servers die mid-call.
@@ -478,15 +487,7 @@ async fn failed_set_leaves_nothing_and_a_killed_coordinator_finishes_its_set() {
     f.restart_control_plane();
     let set = wait_set(&f, &set.set_id).await;
     assert_eq!(set.state, SnapshotState::Completed, "{set:?}");
-    for s in &set.snapshots {
-        let i = vols
-            .iter()
-            .position(|v| v.volume_id == s.volume_id)
-            .unwrap();
-        assert!(
-            snapshot_bytes(&archive, &tf_kms, &s.snapshot_id).await == read_all(&agents[i]).await
-        );
-    }
+    assert_set_is_volumes(&set, &vols, &agents, &archive, &tf_kms).await;
     assert_eq!(
         stored_chunks(&archive).await,
         referenced_chunks(&archive).await

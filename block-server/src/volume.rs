@@ -203,6 +203,20 @@ fn write_runs(file: &File, chunk: u64, data: &[u8], skip: u128) -> io::Result<()
     Ok(())
 }
 
+/// A whole chunk's data, or none (zeros).
+fn check_whole_chunk(data: &[u8], what: &str) -> Result<(), OpError> {
+    if !data.is_empty() && data.len() as u64 != CHUNK {
+        return Err(op_err(
+            ErrorCode::BadRequest,
+            format!(
+                "{what} whole chunks of {CHUNK} bytes (or none, for zeros), got {}",
+                data.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs blocking file I/O off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
@@ -476,15 +490,7 @@ impl Volume {
             ));
         }
         self.check_chunk(chunk)?;
-        if !data.is_empty() && data.len() as u64 != CHUNK {
-            return Err(op_err(
-                ErrorCode::BadRequest,
-                format!(
-                    "hydration writes whole chunks of {CHUNK} bytes (or none, for zeros), got {}",
-                    data.len()
-                ),
-            ));
-        }
+        check_whole_chunk(&data, "hydration writes")?;
         let _gate = self.gate.read().await;
         let _stripes = self.lock_stripes(chunk..chunk + 1).await;
         self.copy_on_write(chunk..chunk + 1).await?;
@@ -784,15 +790,7 @@ impl Volume {
         data: Bytes,
     ) -> Result<(), OpError> {
         self.check_chunk(chunk)?;
-        if !data.is_empty() && data.len() as u64 != CHUNK {
-            return Err(op_err(
-                ErrorCode::BadRequest,
-                format!(
-                    "PutChunk takes a whole chunk of {CHUNK} bytes (or none, for zeros), got {}",
-                    data.len()
-                ),
-            ));
-        }
+        check_whole_chunk(&data, "PutChunk takes")?;
         let _gate = self.gate.read().await;
         let _stripe = self.lock_stripes(chunk..chunk + 1).await;
         let now = info(&lock(&self.state).chunks[chunk as usize]);

@@ -724,3 +724,105 @@ async fn metrics_are_served() {
         "a FUA write made no fsync"
     );
 }
+
+/// The replication ops: versions count writes (hydration sets `hydrated`), a reset forgets
+/// chunks durably while open marks keep their view, PutChunk sets a chunk as another replica
+/// has it (refused on a version mismatch), mark ids chosen by the client must increase; bad
+/// input changes nothing.
+#[tokio::test]
+async fn versions_reset_put_chunk_and_mark_ids() {
+    let s = Server::start().await;
+    let v = vol();
+    let c = s.client().await;
+    c.create_volume(&v, 4 * CHUNK, true).await.unwrap();
+    c.write(&v, 0, Bytes::from(pattern(0, 1)), false)
+        .await
+        .unwrap();
+    c.write(&v, SECTOR, Bytes::from(pattern(1, 2)), false)
+        .await
+        .unwrap();
+    c.write_if_unwritten(&v, 1, Bytes::from(vec![7u8; CHUNK as usize]))
+        .await
+        .unwrap();
+    // Chunk 0: two writes; chunk 1: hydrated only; 2 and 3: nothing.
+    assert_eq!(
+        c.chunk_versions(&v, 0, 0, 100).await.unwrap(),
+        vec![4, 1, 0, 0]
+    );
+    assert_eq!(c.chunk_versions(&v, 0, 3, 100).await.unwrap(), vec![0]);
+    assert!(c.chunk_versions(&v, 0, 9, 100).await.unwrap().is_empty());
+
+    // Mark ids: the client's, increasing.
+    assert_eq!(c.mark(&v, 1000).await.unwrap(), 1000);
+    let e = c.mark(&v, 1000).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
+    assert_eq!(c.mark(&v, 0).await.unwrap(), 1001);
+
+    // A reset forgets chunk 0 (durably) but mark 1000 still reads it as it was.
+    c.reset_chunks(&v, vec![0]).await.unwrap();
+    assert_eq!(c.chunk_versions(&v, 0, 0, 2).await.unwrap(), vec![0, 1]);
+    assert_eq!(c.chunk_versions(&v, 1000, 0, 2).await.unwrap(), vec![4, 1]);
+    let (info, data) = c.read_mark(&v, 1000, 0).await.unwrap();
+    assert_eq!(info.generation, 2);
+    assert_eq!(&data[..SECTOR as usize], &pattern(0, 1)[..]);
+
+    // PutChunk: as another replica has it; with `expect`, only at that version.
+    let theirs = blockfleet_core::blockproto::ChunkInfo {
+        hydrated: true,
+        user_written: 0,
+        generation: 9,
+        last_epoch: 1001,
+    };
+    let body = Bytes::from(vec![3u8; CHUNK as usize]);
+    let e = c
+        .put_chunk(&v, 0, 5, theirs, body.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::VersionMismatch), "{e}");
+    c.put_chunk(&v, 0, 0, theirs, body.clone()).await.unwrap();
+    let (info, data) = c.read_mark(&v, 0, 0).await.unwrap();
+    assert_eq!(
+        (info.generation, info.hydrated, info.last_epoch),
+        (9, true, 1001)
+    );
+    assert!(data.iter().all(|&b| b == 3));
+    assert_eq!(c.chunk_versions(&v, 0, 0, 1).await.unwrap(), vec![19]);
+    // Mark 1000 still sees the old chunk 0.
+    assert_eq!(c.read_mark(&v, 1000, 0).await.unwrap().0.generation, 2);
+
+    // Bad input: nothing changes.
+    let e = c
+        .put_chunk(&v, 1, u64::MAX, theirs, Bytes::from(vec![1u8; 100]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest), "{e}");
+    let e = c
+        .put_chunk(&v, 4, u64::MAX, theirs, body.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::OutOfRange), "{e}");
+    let e = c.reset_chunks(&v, vec![1, 4]).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::OutOfRange), "{e}");
+    let e = c.chunk_versions(&v, 77, 0, 1).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NoSuchMark), "{e}");
+    assert_eq!(
+        c.chunk_versions(&v, 0, 0, 4).await.unwrap(),
+        vec![19, 1, 0, 0]
+    );
+
+    // The reset and the put survive a restart.
+    drop(c);
+    let s = s.restart().await;
+    let c = s.client().await;
+    assert_eq!(
+        c.chunk_versions(&v, 0, 0, 4).await.unwrap(),
+        vec![19, 1, 0, 0]
+    );
+    c.reset_chunks(&v, vec![1]).await.unwrap();
+    let s = s.restart().await;
+    let c = s.client().await;
+    assert_eq!(
+        c.chunk_versions(&v, 0, 0, 4).await.unwrap(),
+        vec![19, 0, 0, 0]
+    );
+}

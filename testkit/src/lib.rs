@@ -8,12 +8,32 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
+/// A free TCP port on 127.0.0.1 for a server a test starts (bound then released). Taken below
+/// Linux's ephemeral range (32768 up): a port from that range can be taken, between release
+/// and the server's bind, as the source port of some outgoing connection, and replicated
+/// volumes make many. Ports are handed out in turn from a random start, each checked free.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let mut b = [0u8; 4];
+        getrandom::fill(&mut b).expect("random");
+        let _ = NEXT.compare_exchange(
+            u32::MAX,
+            u32::from_le_bytes(b) % SPAN,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 fn random_hex(bytes: usize) -> String {

@@ -9,9 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockfleet_core::api::{
-    BlockServerView, DrainReply, DrainRequest, HydrationState, ReplicaReport, ReplicaView,
-};
+use blockfleet_core::api::{BlockServerView, DrainReply, DrainRequest, ReplicaReport, ReplicaView};
 use blockfleet_core::blockproto::{Health, ReplicatedVolume};
 use blockfleet_core::httpjson::{parse, ApiError, Reply};
 use blockfleet_core::ids::VolumeId;
@@ -264,18 +262,7 @@ impl ControlPlane {
             if !v.placement.iter().any(|p| p == from) {
                 return Ok(());
             }
-            if let Some(j) = &v.job_id {
-                if self
-                    .state
-                    .job(j)?
-                    .is_some_and(|j| j.state != HydrationState::Done)
-                {
-                    return Err(ApiError::conflict(
-                        "IncorrectState",
-                        format!("volume {id} is hydrating: moved when that is done"),
-                    ));
-                }
-            }
+            self.check_whole(&v, "moved")?;
             let to = match &v.moving {
                 Some((f, to)) if f == from => to.clone(),
                 _ => self.move_target(&v)?,
