@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod fleet;
-pub use fleet::{ControlPlaneConfig, TransformConfig};
+pub use fleet::{ControlPlaneConfig, EbsPrincipal, TransformConfig};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {

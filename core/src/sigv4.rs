@@ -171,13 +171,22 @@ pub fn verify(
         .build()
         .map_err(|e| SigV4Error::Malformed(e.to_string()))?
         .into();
-    let signable = SignableRequest::new(
-        req.method,
-        req.path_and_query,
-        signed.into_iter(),
-        SignableBody::Bytes(req.body),
-    )
-    .map_err(|e| SigV4Error::Malformed(e.to_string()))?;
+    // The payload as signed: the body itself, or the hash the caller declared (checked here
+    // against the body), or not at all (`UNSIGNED-PAYLOAD`, as SDKs send large uploads).
+    let declared = header(req.headers, "x-amz-content-sha256");
+    let body = match declared {
+        Some("UNSIGNED-PAYLOAD") => SignableBody::UnsignedPayload,
+        Some(h) => {
+            use sha2::Digest;
+            if !h.eq_ignore_ascii_case(&hex::encode(sha2::Sha256::digest(req.body))) {
+                return Err(SigV4Error::BadSignature);
+            }
+            SignableBody::Precomputed(h.to_owned())
+        }
+        None => SignableBody::Bytes(req.body),
+    };
+    let signable = SignableRequest::new(req.method, req.path_and_query, signed.into_iter(), body)
+        .map_err(|e| SigV4Error::Malformed(e.to_string()))?;
     let expected = sign(signable, &params)
         .map_err(|e| SigV4Error::Malformed(e.to_string()))?
         .signature()

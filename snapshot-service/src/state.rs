@@ -125,6 +125,28 @@ pub struct State {
     /// `<set id>/<chunk hash>` for each chunk a set put in the store: what to delete if the
     /// set fails (unless another manifest took it meanwhile).
     uploads: sled::Tree,
+    /// Snapshots made through the EBS direct APIs, by id.
+    ebs: sled::Tree,
+}
+
+/// A snapshot made through the EBS direct APIs (StartSnapshot .. CompleteSnapshot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EbsRecord {
+    pub id: SnapshotId,
+    pub volume_size_gib: u64,
+    pub parent: Option<SnapshotId>,
+    pub description: String,
+    pub tags: Vec<(String, String)>,
+    pub client_token: Option<String>,
+    pub state: SnapshotState,
+    /// Seconds since the epoch.
+    pub started_at: u64,
+    /// A pending snapshot not completed by then (ms since the epoch) is deleted with its blocks.
+    pub expires_at_ms: u64,
+    /// Block index -> hex SHA-256 of the block as put (its chunk; all-zero blocks are not
+    /// stored).
+    pub blocks: BTreeMap<u64, String>,
+    pub error: Option<String>,
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StateError> {
@@ -167,6 +189,7 @@ impl State {
             snapshots: db.open_tree("snapshots")?,
             tokens: db.open_tree("tokens")?,
             uploads: db.open_tree("uploads")?,
+            ebs: db.open_tree("ebs")?,
             db,
         })
     }
@@ -272,6 +295,23 @@ impl State {
         for k in self.uploads.scan_prefix(format!("{set_id}/")).keys() {
             self.uploads.remove(k?)?;
         }
+        Ok(())
+    }
+
+    pub fn ebs(&self, id: &SnapshotId) -> Result<Option<EbsRecord>, StateError> {
+        get(&self.ebs, id.as_str())
+    }
+
+    pub fn ebs_all(&self) -> Result<Vec<EbsRecord>, StateError> {
+        all(&self.ebs)
+    }
+
+    pub fn put_ebs(&self, r: &EbsRecord) -> Result<(), StateError> {
+        put(&self.ebs, r.id.as_str(), r)
+    }
+
+    pub fn remove_ebs(&self, id: &SnapshotId) -> Result<(), StateError> {
+        self.ebs.remove(id.as_str())?;
         Ok(())
     }
 

@@ -100,6 +100,8 @@ pub struct Fleet {
     block_servers: Vec<Proc>,
     control_plane: Proc,
     pub kms_endpoint: String,
+    /// The EBS direct APIs (principal `AKEBS` / `ebs-secret-0123`).
+    pub ebs_endpoint: String,
     pub cp: ControlPlaneClient,
     transform_metrics: u16,
     control_plane_metrics: u16,
@@ -110,7 +112,7 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let (kms, cp, tf, tfm) = (free_port(), free_port(), free_port(), free_port());
-        let cpm = free_port();
+        let (cpm, ebs) = (free_port(), free_port());
         let bs: Vec<u16> = (0..o.block_servers).map(|_| free_port()).collect();
         let servers = bs
             .iter()
@@ -128,7 +130,12 @@ listen = "127.0.0.1:{cp}"
 data_dir = "{d}/cp"
 block_servers = [{servers}]
 metrics_listen = "127.0.0.1:{cpm}"
+ebs_listen = "127.0.0.1:{ebs}"
 job_lease_ms = 1000
+[[control_plane.ebs_principals]]
+name = "uploader"
+access_key_id = "AKEBS"
+secret_access_key = "ebs-secret-0123"
 [control_plane.kms]
 endpoint = "http://127.0.0.1:{kms}"
 access_key_id = "AKCP"
@@ -195,6 +202,16 @@ secret_access_key = "host-secret-0123"
             })
             .collect();
         let control_plane = spawn(&config, &["control-plane"]);
+        // The EBS listener opens once the control plane's state is loaded, just after its
+        // API's.
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", ebs)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "EBS APIs not listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut f = Fleet {
             config,
             kms_proc: Some(kms_proc),
@@ -203,6 +220,7 @@ secret_access_key = "host-secret-0123"
             control_plane,
             transform: None,
             kms_endpoint: format!("http://127.0.0.1:{kms}"),
+            ebs_endpoint: format!("http://127.0.0.1:{ebs}"),
             transform_metrics: tfm,
             control_plane_metrics: cpm,
             dir,

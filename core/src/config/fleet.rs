@@ -38,6 +38,22 @@ pub struct ControlPlaneConfig {
     /// Prometheus `GET /metrics` (the coordinator's pause windows and sets); off if absent.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// The EBS direct APIs (StartSnapshot, PutSnapshotBlock, ...), SigV4 service `ebs`; off
+    /// if absent.
+    #[serde(default)]
+    pub ebs_listen: Option<String>,
+    /// Who may call the EBS direct APIs.
+    #[serde(default)]
+    pub ebs_principals: Vec<EbsPrincipal>,
+}
+
+/// A caller of the EBS direct APIs and its SigV4 credentials.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EbsPrincipal {
+    pub name: String,
+    pub access_key_id: String,
+    pub secret_access_key: super::Secret,
 }
 
 fn default_cp_listen() -> String {
@@ -74,6 +90,8 @@ impl Default for ControlPlaneConfig {
             job_max_attempts: default_max_attempts(),
             kms: None,
             metrics_listen: None,
+            ebs_listen: None,
+            ebs_principals: Vec::new(),
         }
     }
 }
@@ -122,6 +140,24 @@ impl ControlPlaneConfig {
         }
         if let Some(k) = &self.kms {
             k.validate()?;
+        }
+        let mut keys = std::collections::HashSet::new();
+        for p in &self.ebs_principals {
+            if p.access_key_id.is_empty() || p.secret_access_key.expose().len() < 8 {
+                return Err(invalid(
+                    "control_plane.ebs_principals",
+                    format!(
+                        "{}: give an access key id and a secret of 8 or more characters",
+                        p.name
+                    ),
+                ));
+            }
+            if !keys.insert(&p.access_key_id) {
+                return Err(invalid(
+                    "control_plane.ebs_principals",
+                    format!("access key id {} is listed twice", p.access_key_id),
+                ));
+            }
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 //! - [`snapshots`]: CreateSnapshots, DescribeSnapshotSet, DescribeSnapshots, DeleteSnapshot,
 //!   ListChangedBlocks.
 //! - [`servers`]: DescribeBlockServers, DrainBlockServer, and host agents' replica reports.
+//! - [`ebs`]: the EBS direct APIs (StartSnapshot .. GetSnapshotBlock) on `ebs_listen`.
 //! - [`coordinator`]: the cut across a set's volumes, their uploads, failure cleanup and
 //!   chunk garbage collection.
 //!
@@ -15,6 +16,7 @@
 //! GenerateDataKeyWithoutPlaintext and grants, never for Decrypt (the KMS policy denies it).
 
 mod coordinator;
+mod ebs;
 mod jobs;
 mod servers;
 mod snapshots;
@@ -272,11 +274,29 @@ pub async fn run(
     }
     cp.resume_pending_sets()
         .map_err(|e| ControlPlaneError::Config(e.message))?;
+    cp.register_pending_ebs()?;
+    let ebs = match &cp.config.ebs_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| ControlPlaneError::Config(format!("ebs_listen {addr}: {e}")))?;
+            tracing::info!(addr = %l.local_addr().map_or(addr.clone(), |a| a.to_string()), "EBS direct APIs listening");
+            Some(tokio::spawn(ebs::serve(
+                Arc::clone(&cp),
+                l,
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
     let handler_cp = Arc::clone(&cp);
     httpjson::serve(listener, shutdown, move |m, p, b| {
         Arc::clone(&handler_cp).route(m, p, b)
     })
     .await;
+    if let Some(e) = ebs {
+        e.abort();
+    }
     cp.state.flush()?;
     Ok(())
 }

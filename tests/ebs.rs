@@ -1,0 +1,399 @@
+//! The EBS direct APIs driven by the AWS SDK for Rust (`aws-sdk-ebs`, endpoint pointed at the
+//! control plane's `ebs_listen`): upload a raw image block by block, complete it, restore it
+//! into a volume and read it back through NBD (`nbdcopy` against the host agent), download
+//! it with GetSnapshotBlock, an incremental upload on a parent and ListChangedBlocks between
+//! the two; bad input gets the AWS error and stores nothing.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
+
+mod common;
+
+use std::time::Duration;
+
+use aws_sdk_ebs::error::ProvideErrorMetadata;
+use aws_sdk_ebs::primitives::ByteStream;
+use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm, Tag};
+use base64::Engine;
+use blockfleet_core::api::{CreateVolumeRequest, HydrationState};
+use blockfleet_core::config::Secret;
+use common::{Fleet, FleetOptions};
+use sha2::{Digest, Sha256};
+
+const BLOCK: usize = 512 << 10;
+
+async fn client(f: &Fleet, akid: &str, secret: &str) -> aws_sdk_ebs::Client {
+    let secret = Secret::new(secret);
+    let conf = blockfleet_core::aws::sdk_config(blockfleet_core::aws::Endpoint {
+        url: Some(&f.ebs_endpoint),
+        region: "local",
+        credentials: Some((akid, &secret)),
+        max_attempts: 1,
+        timeouts: aws_config::timeout::TimeoutConfig::builder().build(),
+    })
+    .await;
+    aws_sdk_ebs::Client::new(&conf)
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn block(seed: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    blockfleet_testkit::Rng::new(seed).fill(&mut b);
+    b
+}
+
+async fn put(c: &aws_sdk_ebs::Client, id: &str, index: i32, data: &[u8]) -> Result<(), String> {
+    c.put_snapshot_block()
+        .snapshot_id(id)
+        .block_index(index)
+        .block_data(ByteStream::from(data.to_vec()))
+        .data_length(data.len() as i32)
+        .checksum(b64(&Sha256::digest(data)))
+        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+        .send()
+        .await
+        .map(drop)
+        .map_err(|e| format!("{}: {}", e.code().unwrap_or("?"), e.message().unwrap_or("")))
+}
+
+/// Uploads `blocks` as a snapshot (on `parent`), completing it with the right count and
+/// aggregate checksum; returns its id.
+async fn upload(
+    c: &aws_sdk_ebs::Client,
+    blocks: &[(i32, Vec<u8>)],
+    parent: Option<&str>,
+) -> String {
+    let s = c
+        .start_snapshot()
+        .volume_size(1)
+        .set_parent_snapshot_id(parent.map(str::to_owned))
+        .description("uploaded with aws-sdk-ebs")
+        .tags(Tag::builder().key("team").value("storage").build())
+        .timeout(60)
+        .send()
+        .await
+        .unwrap();
+    let id = s.snapshot_id().unwrap().to_owned();
+    assert_eq!(s.block_size(), Some(BLOCK as i32));
+    for (i, b) in blocks {
+        put(c, &id, *i, b).await.unwrap();
+    }
+    let mut sorted: Vec<&(i32, Vec<u8>)> = blocks.iter().collect();
+    sorted.sort_by_key(|(i, _)| *i);
+    let mut agg = Sha256::new();
+    for (_, b) in sorted {
+        agg.update(Sha256::digest(b));
+    }
+    let done = c
+        .complete_snapshot()
+        .snapshot_id(&id)
+        .changed_blocks_count(blocks.len() as i32)
+        .checksum(b64(&agg.finalize()))
+        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+        .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status().map(|s| s.as_str()), Some("completed"));
+    id
+}
+
+async fn get(
+    c: &aws_sdk_ebs::Client,
+    id: &str,
+    index: i32,
+    token: &str,
+) -> Result<Vec<u8>, String> {
+    let r = c
+        .get_snapshot_block()
+        .snapshot_id(id)
+        .block_index(index)
+        .block_token(token)
+        .send()
+        .await
+        .map_err(|e| format!("{}: {}", e.code().unwrap_or("?"), e.message().unwrap_or("")))?;
+    let checksum = r.checksum().unwrap().to_owned();
+    let data = r.block_data.collect().await.unwrap().into_bytes().to_vec();
+    assert_eq!(checksum, b64(&Sha256::digest(&data)));
+    Ok(data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_restore_download_and_incremental_through_the_aws_sdk() {
+    let f = Fleet::start(FleetOptions::default());
+    let c = client(&f, "AKEBS", "ebs-secret-0123").await;
+    // 8 blocks at the start of a 1 GiB volume, block 3 all zeros.
+    let image: Vec<(i32, Vec<u8>)> = (0..8)
+        .map(|i| {
+            (
+                i,
+                if i == 3 {
+                    vec![0u8; BLOCK]
+                } else {
+                    block(i as u64)
+                },
+            )
+        })
+        .collect();
+    let first = upload(&c, &image, None).await;
+
+    // Listed blocks (a zero block is not stored) download bit-identical.
+    let listed = c
+        .list_snapshot_blocks()
+        .snapshot_id(&first)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.volume_size(), Some(1));
+    let blocks = listed.blocks();
+    assert_eq!(
+        blocks
+            .iter()
+            .map(|b| b.block_index().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 1, 2, 4, 5, 6, 7]
+    );
+    for b in blocks {
+        let i = b.block_index().unwrap();
+        let data = get(&c, &first, i, b.block_token().unwrap()).await.unwrap();
+        assert!(data == image[i as usize].1, "block {i} differs");
+    }
+    // A token opens only its own block.
+    let t0 = blocks[0].block_token().unwrap();
+    let e = get(&c, &first, 1, t0).await.unwrap_err();
+    assert!(e.starts_with("ValidationException"), "{e}");
+
+    // Restored into a volume and read back through NBD, bit-identical.
+    let v =
+        f.cp.create_volume(&CreateVolumeRequest {
+            snapshot_id: Some(first.parse().unwrap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    let start = std::time::Instant::now();
+    while f
+        .cp
+        .describe_volumes(std::slice::from_ref(&v.volume_id))
+        .await
+        .unwrap()[0]
+        .hydration
+        .as_ref()
+        .is_some_and(|h| h.state != HydrationState::Done)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "hydration did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let agent = f.attach(&v.volume_id);
+    let out = f.dir.path().join("restored.raw");
+    let st = std::process::Command::new("nbdcopy")
+        .arg(format!("nbd://{}/{}", agent.addr, v.volume_id))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let restored = std::fs::read(&out).unwrap();
+    assert_eq!(restored.len(), 1 << 30);
+    let want: Vec<u8> = image.iter().flat_map(|(_, b)| b.clone()).collect();
+    assert!(
+        restored[..want.len()] == want[..],
+        "restored volume differs"
+    );
+    assert!(restored[want.len()..].iter().all(|&b| b == 0));
+    drop(agent);
+
+    // Incremental on the parent: block 1 changed, block 20 new; the rest comes from the parent.
+    let changed = vec![(1, block(101)), (20, block(120))];
+    let second = upload(&c, &changed, Some(&first)).await;
+    let diff = c
+        .list_changed_blocks()
+        .first_snapshot_id(&first)
+        .second_snapshot_id(&second)
+        .send()
+        .await
+        .unwrap();
+    let cb = diff.changed_blocks();
+    assert_eq!(
+        cb.iter()
+            .map(|b| b.block_index().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 20]
+    );
+    assert!(cb[0].first_block_token().is_some() && cb[1].first_block_token().is_none());
+    for (b, (_, data)) in cb.iter().zip(&changed) {
+        let got = get(
+            &c,
+            &second,
+            b.block_index().unwrap(),
+            b.second_block_token().unwrap(),
+        )
+        .await
+        .unwrap();
+        assert!(got == *data);
+    }
+    let old = get(&c, &first, 1, cb[0].first_block_token().unwrap())
+        .await
+        .unwrap();
+    assert!(old == image[1].1);
+    let all = c
+        .list_snapshot_blocks()
+        .snapshot_id(&second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        all.blocks().len(),
+        8,
+        "7 from the parent (one replaced) and a new one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_aws_error_and_stores_nothing() {
+    let f = Fleet::start(FleetOptions::default());
+    let c = client(&f, "AKEBS", "ebs-secret-0123").await;
+    fn code_of<E: ProvideErrorMetadata>(e: &E) -> Option<String> {
+        e.code().map(str::to_owned)
+    }
+
+    // A wrong signature, an unknown key.
+    let bad = client(&f, "AKEBS", "not-the-secret").await;
+    let e = bad
+        .start_snapshot()
+        .volume_size(1)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_of(&e).as_deref(),
+        Some("AccessDeniedException"),
+        "{e:?}"
+    );
+    let unknown = client(&f, "AKNOBODY", "whatever-secret").await;
+    let e = unknown
+        .start_snapshot()
+        .volume_size(1)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e).as_deref(), Some("AccessDeniedException"));
+
+    let e = c.start_snapshot().volume_size(0).send().await.unwrap_err();
+    assert_eq!(code_of(&e).as_deref(), Some("ValidationException"));
+    let e = c
+        .start_snapshot()
+        .volume_size(1)
+        .parent_snapshot_id("snap-0123456789abcdef0")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e).as_deref(), Some("ResourceNotFoundException"));
+
+    let s = c
+        .start_snapshot()
+        .volume_size(1)
+        .client_token("token-1")
+        .send()
+        .await
+        .unwrap();
+    let id = s.snapshot_id().unwrap().to_owned();
+    let again = c
+        .start_snapshot()
+        .volume_size(1)
+        .client_token("token-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.snapshot_id(), Some(id.as_str()));
+    let e = c
+        .start_snapshot()
+        .volume_size(2)
+        .client_token("token-1")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e).as_deref(), Some("ConflictException"));
+
+    let data = block(7);
+    // Wrong checksum, index outside the volume, wrong length.
+    let e = c
+        .put_snapshot_block()
+        .snapshot_id(&id)
+        .block_index(0)
+        .block_data(ByteStream::from(data.clone()))
+        .data_length(BLOCK as i32)
+        .checksum(b64(&Sha256::digest(b"other")))
+        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e).as_deref(), Some("ValidationException"));
+    let e = put(&c, &id, 2048, &data).await.unwrap_err();
+    assert!(e.starts_with("ValidationException"), "{e}");
+    let e = put(&c, &id, 0, &data[..4096]).await.unwrap_err();
+    assert!(e.starts_with("ValidationException"), "{e}");
+    let e = put(&c, "snap-0123456789abcdef0", 0, &data)
+        .await
+        .unwrap_err();
+    assert!(e.starts_with("ResourceNotFoundException"), "{e}");
+    put(&c, &id, 0, &data).await.unwrap();
+
+    // Wrong count, wrong aggregate checksum: refused, the snapshot stays pending.
+    let e = c
+        .complete_snapshot()
+        .snapshot_id(&id)
+        .changed_blocks_count(2)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e).as_deref(), Some("ValidationException"));
+    let e = c
+        .complete_snapshot()
+        .snapshot_id(&id)
+        .changed_blocks_count(1)
+        .checksum(b64(&Sha256::digest(b"x")))
+        .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
+        .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code_of(&e).as_deref(), Some("ValidationException"));
+    let e = c
+        .list_snapshot_blocks()
+        .snapshot_id(&id)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code_of(&e).as_deref(),
+        Some("ResourceNotFoundException"),
+        "not completed yet"
+    );
+    c.complete_snapshot()
+        .snapshot_id(&id)
+        .changed_blocks_count(1)
+        .send()
+        .await
+        .unwrap();
+    // After completion: no more blocks.
+    let e = put(&c, &id, 1, &data).await.unwrap_err();
+    assert!(e.starts_with("ValidationException"), "{e}");
+    // A block token of another snapshot.
+    let other = upload(&c, &[(0, block(8))], None).await;
+    let t = c
+        .list_snapshot_blocks()
+        .snapshot_id(&other)
+        .send()
+        .await
+        .unwrap();
+    let e = get(&c, &id, 0, t.blocks()[0].block_token().unwrap())
+        .await
+        .unwrap_err();
+    assert!(e.starts_with("ValidationException"), "{e}");
+}
