@@ -71,7 +71,8 @@ async fn upload(
         .set_parent_snapshot_id(parent.map(str::to_owned))
         .description("uploaded with aws-sdk-ebs")
         .tags(Tag::builder().key("team").value("storage").build())
-        .timeout(60)
+        // The test fleet's Timeout minute is 100 ms: the longest Timeout, 7.2 minutes real.
+        .timeout(4320)
         .send()
         .await
         .unwrap();
@@ -299,6 +300,7 @@ async fn bad_input_gets_the_aws_error_and_stores_nothing() {
         .start_snapshot()
         .volume_size(1)
         .client_token("token-1")
+        .timeout(4320)
         .send()
         .await
         .unwrap();
@@ -307,6 +309,7 @@ async fn bad_input_gets_the_aws_error_and_stores_nothing() {
         .start_snapshot()
         .volume_size(1)
         .client_token("token-1")
+        .timeout(4320)
         .send()
         .await
         .unwrap();
@@ -315,6 +318,7 @@ async fn bad_input_gets_the_aws_error_and_stores_nothing() {
         .start_snapshot()
         .volume_size(2)
         .client_token("token-1")
+        .timeout(4320)
         .send()
         .await
         .unwrap_err();
@@ -396,4 +400,131 @@ async fn bad_input_gets_the_aws_error_and_stores_nothing() {
         .await
         .unwrap_err();
     assert!(e.starts_with("ValidationException"), "{e}");
+}
+
+/// The AWS CLI (`aws ebs ...`, from PyPI) against the same endpoint: a block up, the
+/// snapshot completed, listed and the block downloaded bit-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_cli_uploads_and_downloads() {
+    let f = Fleet::start(FleetOptions::default());
+    let aws = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new("aws")
+            .args([
+                "ebs",
+                "--endpoint-url",
+                &f.ebs_endpoint,
+                "--region",
+                "local",
+                "--output",
+                "json",
+            ])
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", "AKEBS")
+            .env("AWS_SECRET_ACCESS_KEY", "ebs-secret-0123")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .output()
+            .expect("the aws CLI (pip install awscli)");
+        assert!(
+            out.status.success(),
+            "aws ebs {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let data = block(42);
+    let file = f.dir.path().join("block.bin");
+    std::fs::write(&file, &data).unwrap();
+    let s = aws(&[
+        "start-snapshot",
+        "--volume-size",
+        "1",
+        "--description",
+        "from the CLI",
+    ]);
+    let id = s["SnapshotId"].as_str().unwrap().to_owned();
+    aws(&[
+        "put-snapshot-block",
+        "--snapshot-id",
+        &id,
+        "--block-index",
+        "5",
+        "--block-data",
+        file.to_str().unwrap(),
+        "--data-length",
+        &BLOCK.to_string(),
+        "--checksum",
+        &b64(&Sha256::digest(&data)),
+        "--checksum-algorithm",
+        "SHA256",
+    ]);
+    let done = aws(&[
+        "complete-snapshot",
+        "--snapshot-id",
+        &id,
+        "--changed-blocks-count",
+        "1",
+    ]);
+    assert_eq!(done["Status"], "completed");
+    let listed = aws(&["list-snapshot-blocks", "--snapshot-id", &id]);
+    let b = &listed["Blocks"][0];
+    assert_eq!(b["BlockIndex"], 5);
+    let out = f.dir.path().join("out.bin");
+    aws(&[
+        "get-snapshot-block",
+        "--snapshot-id",
+        &id,
+        "--block-index",
+        "5",
+        "--block-token",
+        b["BlockToken"].as_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&out).unwrap() == data);
+}
+
+fn store_files(f: &Fleet) -> std::collections::BTreeSet<std::path::PathBuf> {
+    fn walk(d: &std::path::Path, out: &mut std::collections::BTreeSet<std::path::PathBuf>) {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.insert(p);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&f.dir.path().join("objects"), &mut out);
+    out
+}
+
+/// A snapshot not completed within its Timeout fails, and its blocks leave the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_snapshot_expires_with_its_blocks() {
+    let f = Fleet::start(FleetOptions::default());
+    let c = client(&f, "AKEBS", "ebs-secret-0123").await;
+    let before = store_files(&f);
+    // Timeout 10 "minutes" of 100 ms each in the test fleet.
+    let s = c
+        .start_snapshot()
+        .volume_size(1)
+        .timeout(10)
+        .send()
+        .await
+        .unwrap();
+    let id = s.snapshot_id().unwrap().to_owned();
+    put(&c, &id, 0, &block(900)).await.unwrap();
+    assert!(store_files(&f).len() > before.len(), "the block was stored");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let e = put(&c, &id, 1, &block(901)).await.unwrap_err();
+    assert!(e.starts_with("ValidationException"), "{e}");
+    let start = std::time::Instant::now();
+    while store_files(&f) != before {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the expired snapshot's block stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

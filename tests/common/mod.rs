@@ -131,6 +131,8 @@ data_dir = "{d}/cp"
 block_servers = [{servers}]
 metrics_listen = "127.0.0.1:{cpm}"
 ebs_listen = "127.0.0.1:{ebs}"
+# A StartSnapshot Timeout minute lasts 100 ms here, so expiry is testable.
+ebs_timeout_minute_ms = 100
 job_lease_ms = 1000
 [[control_plane.ebs_principals]]
 name = "uploader"

@@ -45,6 +45,14 @@ pub struct ControlPlaneConfig {
     /// Who may call the EBS direct APIs.
     #[serde(default)]
     pub ebs_principals: Vec<EbsPrincipal>,
+    /// How long one minute of a StartSnapshot `Timeout` lasts, in ms (60000; lower only for
+    /// tests and drills of the expiry).
+    #[serde(default = "default_minute_ms")]
+    pub ebs_timeout_minute_ms: u64,
+}
+
+fn default_minute_ms() -> u64 {
+    60_000
 }
 
 /// A caller of the EBS direct APIs and its SigV4 credentials.
@@ -92,6 +100,7 @@ impl Default for ControlPlaneConfig {
             metrics_listen: None,
             ebs_listen: None,
             ebs_principals: Vec::new(),
+            ebs_timeout_minute_ms: default_minute_ms(),
         }
     }
 }
@@ -140,6 +149,12 @@ impl ControlPlaneConfig {
         }
         if let Some(k) = &self.kms {
             k.validate()?;
+        }
+        if !(10..=60_000).contains(&self.ebs_timeout_minute_ms) {
+            return Err(invalid(
+                "control_plane.ebs_timeout_minute_ms",
+                "must be 10 to 60000",
+            ));
         }
         let mut keys = std::collections::HashSet::new();
         for p in &self.ebs_principals {

@@ -447,7 +447,7 @@ impl ControlPlane {
             client_token: req.client_token,
             state: SnapshotState::Pending,
             started_at: now / 1000,
-            expires_at_ms: now + timeout * 60_000,
+            expires_at_ms: now + timeout * self.config.ebs_timeout_minute_ms,
             blocks: BTreeMap::new(),
             error: None,
         };
@@ -798,6 +798,48 @@ impl ControlPlane {
             .map_err(|e| internal(e.to_string()))?;
         resp.headers_mut().remove("x-amzn-errortype");
         Ok(resp)
+    }
+
+    /// Fails every pending EBS snapshot past its Timeout and deletes the blocks it stored that
+    /// nothing else references.
+    pub(super) async fn expire_ebs(&self) {
+        let Ok(all) = self.state.ebs_all() else {
+            return;
+        };
+        let now = now_ms();
+        for r in all {
+            if r.state != SnapshotState::Pending || r.expires_at_ms > now {
+                continue;
+            }
+            {
+                let _changes = self.changes.lock().await;
+                let mut r = r.clone();
+                r.state = SnapshotState::Error;
+                r.error = Some("not completed within its Timeout".into());
+                if self
+                    .state
+                    .put_ebs(&r)
+                    .and_then(|()| self.state.flush())
+                    .is_err()
+                {
+                    continue;
+                }
+            }
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&format!("ebs:{}", r.id));
+            let chunks: HashSet<ChunkHash> =
+                r.blocks.values().filter_map(|h| h.parse().ok()).collect();
+            match self.collect_garbage(chunks).await {
+                Ok(n) => {
+                    tracing::info!(snapshot = %r.id, deleted = n, "ebs snapshot timed out: its blocks deleted")
+                }
+                Err(e) => {
+                    tracing::warn!(snapshot = %r.id, error = %e, "ebs snapshot timed out; deleting its blocks failed")
+                }
+            }
+        }
     }
 
     /// Registers the blocks of pending EBS snapshots with garbage collection (after a restart).

@@ -80,6 +80,9 @@ pub(crate) fn replicas_error(e: &ClientError) -> ApiError {
 
 /// How long a block server may take to answer the control plane before its replica counts as
 /// out for that call.
+/// How often pending EBS-direct snapshots past their Timeout are looked for.
+const EBS_EXPIRY_EVERY: Duration = Duration::from_secs(10);
+
 pub(crate) const REPLICA_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) fn block_error(addr: &str, e: &ClientError) -> ApiError {
@@ -275,6 +278,16 @@ pub async fn run(
     cp.resume_pending_sets()
         .map_err(|e| ControlPlaneError::Config(e.message))?;
     cp.register_pending_ebs()?;
+    let expiry = {
+        let cp = Arc::clone(&cp);
+        tokio::spawn(async move {
+            loop {
+                cp.expire_ebs().await;
+                let minute = Duration::from_millis(cp.config.ebs_timeout_minute_ms);
+                tokio::time::sleep(EBS_EXPIRY_EVERY.min(minute)).await;
+            }
+        })
+    };
     let ebs = match &cp.config.ebs_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr)
@@ -297,6 +310,7 @@ pub async fn run(
     if let Some(e) = ebs {
         e.abort();
     }
+    expiry.abort();
     cp.state.flush()?;
     Ok(())
 }
