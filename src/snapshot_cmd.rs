@@ -109,7 +109,9 @@ fn set_table(set: &SnapshotSet) -> String {
         out.push_str(&format!(
             "\n{:<23} {:<22} {:<10} {:>7} {:>9}  {}",
             s.snapshot_id,
-            s.volume_id,
+            s.volume_id
+                .as_ref()
+                .map_or("(EBS direct)".into(), ToString::to_string),
             format!("{:?}", s.state).to_lowercase(),
             s.changed_chunks.map_or("-".into(), |c| c.to_string()),
             s.uploaded_chunks,

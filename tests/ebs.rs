@@ -253,6 +253,43 @@ async fn upload_restore_download_and_incremental_through_the_aws_sdk() {
         8,
         "7 from the parent (one replaced) and a new one"
     );
+
+    // Ordinary snapshots: listed by DescribeSnapshots, deleted and collected the same way.
+    let listed =
+        f.cp.describe_snapshots(&blockfleet_core::api::DescribeSnapshotsRequest {
+            snapshot_ids: vec![first.parse().unwrap(), second.parse().unwrap()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|s| s.volume_id.is_none()
+        && s.state == blockfleet_core::api::SnapshotState::Completed
+        && s.volume_size == 1 << 30));
+    f.cp.delete_snapshot(&first.parse().unwrap()).await.unwrap();
+    let e = c
+        .list_snapshot_blocks()
+        .snapshot_id(&first)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("ResourceNotFoundException"));
+    // The child keeps the blocks it shares with the deleted parent.
+    let b0 = &all.blocks()[0];
+    assert_eq!(b0.block_index(), Some(0));
+    assert!(
+        get(&c, &second, 0, b0.block_token().unwrap())
+            .await
+            .unwrap()
+            == image[0].1
+    );
+    assert_eq!(
+        f.cp.describe_snapshots(&Default::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,4 +564,144 @@ async fn a_pending_snapshot_expires_with_its_blocks() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Encrypted uploads: blocks go through a transform worker's encryption path under a data
+/// key of the named KMS key; the store holds only ciphertext; downloads and restores give the
+/// plaintext back; a child of an encrypted parent is encrypted under the parent's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_uploads_store_ciphertext_and_restore() {
+    let f = Fleet::start(FleetOptions::default());
+    let c = client(&f, "AKEBS", "ebs-secret-0123").await;
+    let cp_kms = f.kms("AKCP", "cp-secret-0123").await;
+    let key = cp_kms.create_key("ebs uploads").await.unwrap();
+    let other = cp_kms.create_key("another").await.unwrap();
+    let blocks: Vec<(i32, Vec<u8>)> = vec![(0, block(500)), (1, vec![0u8; BLOCK]), (2, block(502))];
+    let s = c
+        .start_snapshot()
+        .volume_size(1)
+        .encrypted(true)
+        .kms_key_arn(&key)
+        .timeout(4320)
+        .send()
+        .await
+        .unwrap();
+    let id = s.snapshot_id().unwrap().to_owned();
+    let before = store_files(&f);
+    for (i, b) in &blocks {
+        put(&c, &id, *i, b).await.unwrap();
+    }
+    // Ciphertext only: no stored object holds a plaintext block.
+    for p in store_files(&f).difference(&before) {
+        let stored = std::fs::read(p).unwrap();
+        for (_, b) in &blocks {
+            assert!(stored != *b, "a plaintext block in the store");
+        }
+    }
+    c.complete_snapshot()
+        .snapshot_id(&id)
+        .changed_blocks_count(3)
+        .send()
+        .await
+        .unwrap();
+    let listed = c
+        .list_snapshot_blocks()
+        .snapshot_id(&id)
+        .send()
+        .await
+        .unwrap();
+    let listed = listed.blocks();
+    assert_eq!(listed.len(), 2, "the zero block is not stored");
+    for b in listed {
+        let i = b.block_index().unwrap() as usize;
+        let got = get(&c, &id, i as i32, b.block_token().unwrap())
+            .await
+            .unwrap();
+        assert!(got == blocks[i].1, "block {i}");
+    }
+    // Restored into an encrypted volume and read back through NBD.
+    let v =
+        f.cp.create_volume(&CreateVolumeRequest {
+            snapshot_id: Some(id.parse().unwrap()),
+            encrypted: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    let start = std::time::Instant::now();
+    while f
+        .cp
+        .describe_volumes(std::slice::from_ref(&v.volume_id))
+        .await
+        .unwrap()[0]
+        .hydration
+        .as_ref()
+        .is_some_and(|h| h.state != HydrationState::Done)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "hydration did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let agent = f.attach(&v.volume_id);
+    let out = f.dir.path().join("restored-enc.raw");
+    let st = std::process::Command::new("nbdcopy")
+        .arg(format!("nbd://{}/{}", agent.addr, v.volume_id))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let restored = std::fs::read(&out).unwrap();
+    let want: Vec<u8> = blocks.iter().flat_map(|(_, b)| b.clone()).collect();
+    assert!(
+        restored[..want.len()] == want[..],
+        "restored volume differs"
+    );
+    drop(agent);
+
+    // A child of the encrypted parent: encrypted under the same key, another key refused.
+    let e = c
+        .start_snapshot()
+        .volume_size(1)
+        .parent_snapshot_id(&id)
+        .kms_key_arn(&other)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("ValidationException"));
+    let child = upload(&c, &[(2, block(602))], Some(&id)).await;
+    let diff = c
+        .list_changed_blocks()
+        .first_snapshot_id(&id)
+        .second_snapshot_id(&child)
+        .send()
+        .await
+        .unwrap();
+    let cb = diff.changed_blocks();
+    assert_eq!(cb.len(), 1);
+    let got = get(&c, &child, 2, cb[0].second_block_token().unwrap())
+        .await
+        .unwrap();
+    assert!(got == block(602));
+    let kept = c
+        .list_snapshot_blocks()
+        .snapshot_id(&child)
+        .send()
+        .await
+        .unwrap();
+    let b0 = &kept.blocks()[0];
+    assert_eq!(b0.block_index(), Some(0));
+    assert!(get(&c, &child, 0, b0.block_token().unwrap()).await.unwrap() == blocks[0].1);
+    // An unknown KMS key is refused.
+    let e = c
+        .start_snapshot()
+        .volume_size(1)
+        .encrypted(true)
+        .kms_key_arn("1234abcd-12ab-34cd-56ef-1234567890ab")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("ValidationException"), "{e:?}");
 }

@@ -183,7 +183,7 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
         for s in &set.snapshots {
             let which = vols
                 .iter()
-                .position(|v| v.volume_id == s.volume_id)
+                .position(|v| Some(&v.volume_id) == s.volume_id.as_ref())
                 .unwrap() as u64;
             let data = snapshot_bytes(&archive, &tf_kms, &s.snapshot_id).await;
             for (u, unit) in data.chunks_exact(UNIT as usize).enumerate() {
@@ -261,7 +261,7 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
     for s in &last.snapshots {
         let i = vols
             .iter()
-            .position(|v| v.volume_id == s.volume_id)
+            .position(|v| Some(&v.volume_id) == s.volume_id.as_ref())
             .unwrap();
         let want = read_all(&agents[i]).await;
         let restored =
@@ -357,7 +357,7 @@ async fn assert_set_is_volumes(
     for s in &set.snapshots {
         let i = vols
             .iter()
-            .position(|v| v.volume_id == s.volume_id)
+            .position(|v| Some(&v.volume_id) == s.volume_id.as_ref())
             .unwrap();
         assert!(snapshot_bytes(archive, kms, &s.snapshot_id).await == read_all(&agents[i]).await);
     }
@@ -586,7 +586,7 @@ async fn create_snapshots_bad_input_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(by_volume.len(), 1);
-    assert_eq!(by_volume[0].volume_id, vols[1].volume_id);
+    assert_eq!(by_volume[0].volume_id.as_ref(), Some(&vols[1].volume_id));
     let pending =
         f.cp.describe_snapshots(&blockfleet_core::api::DescribeSnapshotsRequest {
             set_id: Some(set.set_id.clone()),

@@ -285,8 +285,10 @@ pub enum SnapshotState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub snapshot_id: SnapshotId,
-    pub set_id: String,
-    pub volume_id: VolumeId,
+    /// The CreateSnapshots set it belongs to (none: uploaded through the EBS direct APIs).
+    pub set_id: Option<String>,
+    /// The volume it was taken of (none: uploaded through the EBS direct APIs).
+    pub volume_id: Option<VolumeId>,
     pub volume_size: u64,
     pub state: SnapshotState,
     /// The volume's previous snapshot this one was taken incrementally from.
@@ -468,6 +470,29 @@ pub struct FetchRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FetchReply {
     pub hydrated: Vec<u64>,
+}
+
+/// One block encrypted or decrypted by a transform worker for the EBS direct APIs (the
+/// control plane never holds a plaintext key): `POST /v1/transform-block`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockTransformRequest {
+    /// The KMS-wrapped data key, hex.
+    pub wrapped_key: String,
+    /// The volume id the data key's encryption context names.
+    pub context_volume: VolumeId,
+    /// The block's index: its units' XTS tweaks follow from it.
+    pub block: u64,
+    /// Encrypt (plaintext in) or decrypt (ciphertext in; all-zero units stay holes).
+    pub encrypt: bool,
+    /// The block's bytes, base64.
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockTransformReply {
+    /// base64.
+    pub data: String,
 }
 
 /// A typed client of the control plane API.

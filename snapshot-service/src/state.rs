@@ -147,6 +147,23 @@ pub struct EbsRecord {
     /// stored).
     pub blocks: BTreeMap<u64, String>,
     pub error: Option<String>,
+    /// Block index -> hex SHA-256 of the block as the caller sent it (what checksums cover;
+    /// the same as `blocks` unless encrypted).
+    #[serde(default)]
+    pub sums: BTreeMap<u64, String>,
+    /// The data key blocks are encrypted under, if encrypted.
+    #[serde(default)]
+    pub encryption: Option<EbsKey>,
+}
+
+/// An encrypted EBS-direct snapshot's data key: only ever wrapped here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EbsKey {
+    pub kms_key_id: String,
+    /// Hex.
+    pub wrapped_key: String,
+    /// The encryption context's volume id the key is bound to.
+    pub context_volume: VolumeId,
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StateError> {

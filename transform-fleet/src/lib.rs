@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blockfleet_core::api::{
-    ClaimJobRequest, ControlPlaneClient, FetchReply, FetchRequest, Job, JobOutcome, JobReport,
+    BlockTransformReply, BlockTransformRequest, ClaimJobRequest, ControlPlaneClient, FetchReply,
+    FetchRequest, Job, JobOutcome, JobReport,
 };
 use blockfleet_core::blockproto::BlockPool;
 use blockfleet_core::config::Config;
@@ -90,6 +91,8 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// Loaded jobs by target volume (background jobs and on-demand fetches share them).
     contexts: Mutex<HashMap<VolumeId, Arc<JobContext>>>,
+    /// Data keys for block transforms (EBS direct APIs), zeroized when evicted.
+    keys: blockfleet_core::kms::cache::KeyCache,
     pacer: Pacer,
     concurrency: usize,
     poll: Duration,
@@ -295,6 +298,51 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Encrypts or decrypts one 512 KiB block under a wrapped data key (EBS direct APIs).
+    async fn transform_block(&self, body: Bytes) -> Reply {
+        use base64::Engine;
+        let req: BlockTransformRequest = httpjson::parse(&body)?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let bad = |m: String| ApiError::bad_request("InvalidParameterValue", m);
+        let wrapped =
+            hex::decode(&req.wrapped_key).map_err(|e| bad(format!("wrapped_key: {e}")))?;
+        let mut data = b64
+            .decode(&req.data)
+            .map_err(|e| bad(format!("data: {e}")))?;
+        if data.len() as u64 != CHUNK {
+            return Err(bad(format!("a block is {CHUNK} bytes, got {}", data.len())));
+        }
+        let xts = self
+            .keys
+            .get(&wrapped, &req.context_volume, || {
+                self.kms.decrypt_key(&wrapped, &req.context_volume)
+            })
+            .await
+            .map_err(|e| match e {
+                blockfleet_core::kms::KmsError::Unreachable(_) => {
+                    ApiError::unavailable("KmsUnavailable", e.to_string())
+                }
+                _ => ApiError::new(403, "KeyUnavailable", e.to_string()),
+            })?;
+        let first_unit = req.block * blockfleet_core::units::SECTORS_PER_CHUNK;
+        let r = tokio::task::spawn_blocking(move || {
+            let r = if req.encrypt {
+                xts.encrypt(&mut data, first_unit)
+            } else {
+                xts.decrypt_stored(&mut data, first_unit)
+            };
+            r.map(|()| data)
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(serde_json::json!(BlockTransformReply {
+            data: b64.encode(&r)
+        }))
+    }
+}
+
 fn fetch_error(e: JobError) -> ApiError {
     match e {
         JobError::Fatal(m) => ApiError::conflict("HydrationFailed", m),
@@ -329,6 +377,7 @@ pub async fn run(
         pool: BlockPool::new(),
         metrics: Arc::new(Metrics::default()),
         contexts: Mutex::new(HashMap::new()),
+        keys: blockfleet_core::kms::cache::KeyCache::new(Default::default()),
         pacer: Pacer::new(tc.background_mib_per_sec),
         concurrency: tc.concurrency,
         poll: Duration::from_millis(tc.poll_ms),
@@ -351,6 +400,7 @@ pub async fn run(
         let w = Arc::clone(&w);
         async move {
             match (method.as_str(), path.as_str()) {
+                ("POST", "/v1/transform-block") => w.transform_block(body).await,
                 ("POST", "/v1/fetch") => {
                     let start = Instant::now();
                     let r = w.fetch(body).await;

@@ -20,9 +20,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::Engine;
-use blockfleet_core::api::SnapshotState;
+use blockfleet_core::api::{BlockTransformReply, BlockTransformRequest, SnapshotState};
+use blockfleet_core::httpjson::JsonClient;
 use blockfleet_core::ids::SnapshotId;
+use blockfleet_core::ids::{KmsKeyId, VolumeId};
+use blockfleet_core::kms::KmsError;
 use blockfleet_core::sigv4::{self, SigV4Error};
+use blockfleet_core::snapshot::manifest::CIPHER_XTS_4K;
+use blockfleet_core::snapshot::EncryptionHeader;
 use blockfleet_core::snapshot::{ChunkHash, Manifest, SnapshotError};
 use blockfleet_core::units::CHUNK;
 use bytes::Bytes;
@@ -36,7 +41,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use super::{now_ms, ControlPlane};
-use crate::state::EbsRecord;
+use crate::state::{EbsKey, EbsRecord};
 
 const BLOCK: u64 = CHUNK;
 /// A block plus room for nothing else: PutSnapshotBlock bodies are exactly one block.
@@ -89,6 +94,19 @@ fn internal(message: impl Into<String>) -> EbsError {
         code: "InternalServerException",
         reason: None,
         message: message.into(),
+    }
+}
+
+fn kms_ebs_error(e: KmsError) -> EbsError {
+    match e {
+        KmsError::NotFound(_) => invalid("INVALID_PARAMETER_VALUE", format!("KmsKeyArn: {e}")),
+        KmsError::AccessDenied(_) => EbsError {
+            status: 403,
+            code: "AccessDeniedException",
+            reason: Some("UNAUTHORIZED_ACCOUNT"),
+            message: e.to_string(),
+        },
+        _ => internal(format!("KMS: {e}")),
     }
 }
 
@@ -367,12 +385,6 @@ impl ControlPlane {
     async fn start_snapshot(&self, body: &[u8]) -> Reply {
         let req: StartSnapshot = serde_json::from_slice(body)
             .map_err(|e| invalid("INVALID_PARAMETER_VALUE", format!("request body: {e}")))?;
-        if req.encrypted || req.kms_key_arn.is_some() {
-            return Err(invalid(
-                "INVALID_PARAMETER_VALUE",
-                "encrypted snapshots through the EBS direct APIs are not supported yet",
-            ));
-        }
         if !(1..=MAX_VOLUME_GIB).contains(&req.volume_size) {
             return Err(invalid(
                 "INVALID_VOLUME_SIZE",
@@ -399,7 +411,7 @@ impl ControlPlane {
         let tags: Vec<(String, String)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
         let map: BTreeMap<String, String> = tags.iter().cloned().collect();
         blockfleet_core::api::validate_tags(&map).map_err(|m| invalid("INVALID_TAG", m))?;
-        let parent = match &req.parent_snapshot_id {
+        let (parent, parent_key) = match &req.parent_snapshot_id {
             Some(p) => {
                 let p = snapshot_id(p)?;
                 let m = self
@@ -411,16 +423,18 @@ impl ControlPlane {
                         format!("VolumeSize is smaller than parent {p}'s"),
                     ));
                 }
-                if m.encryption.is_some() {
-                    return Err(invalid(
-                        "INVALID_PARAMETER_VALUE",
-                        format!("parent {p} is encrypted: not supported yet"),
-                    ));
-                }
-                Some(p)
+                (Some(p), m.encryption)
             }
-            None => None,
+            None => (None, None),
         };
+        let encryption = self
+            .ebs_key(
+                parent_key,
+                req.encrypted,
+                req.kms_key_arn.as_deref(),
+                parent.is_some(),
+            )
+            .await?;
         let _changes = self.changes.lock().await;
         if let Some(t) = &req.client_token {
             if let Some(r) = self
@@ -450,6 +464,8 @@ impl ControlPlane {
             expires_at_ms: now + timeout * self.config.ebs_timeout_minute_ms,
             blocks: BTreeMap::new(),
             error: None,
+            sums: BTreeMap::new(),
+            encryption,
         };
         self.state.put_ebs(&r)?;
         self.state.flush()?;
@@ -517,8 +533,14 @@ impl ControlPlane {
                 format!("block {index}: the checksum does not match the data"),
             ));
         }
+        let zero = body.iter().all(|&b| b == 0);
+        // Encrypted snapshots store the block as a transform worker encrypts it.
+        let body = match &r.encryption {
+            Some(k) if !zero => self.transform_block(k, index, true, &body).await?,
+            _ => body,
+        };
         let hash = ChunkHash::of(&body);
-        if body.iter().any(|&b| b != 0) {
+        if !zero {
             let present = {
                 let _gc = self.gc.read().await;
                 self.pending
@@ -543,6 +565,7 @@ impl ControlPlane {
             let _changes = self.changes.lock().await;
             let mut r = self.pending_ebs(&id)?;
             r.blocks.insert(index, hash.to_string());
+            r.sums.insert(index, hex::encode(digest));
             self.state.put_ebs(&r)?;
         }
         let mut resp = json_reply(StatusCode::CREATED, json!({}));
@@ -589,8 +612,9 @@ impl ControlPlane {
             }
             // LINEAR: SHA-256 over the blocks' SHA-256 digests in block order.
             let mut agg = Sha256::new();
-            for h in r.blocks.values() {
-                agg.update(hex::decode(h).map_err(|e| internal(e.to_string()))?);
+            for (i, h) in &r.blocks {
+                let sum = r.sums.get(i).unwrap_or(h);
+                agg.update(hex::decode(sum).map_err(|e| internal(e.to_string()))?);
             }
             if given != b64(&agg.finalize()) {
                 return Err(invalid(
@@ -610,7 +634,8 @@ impl ControlPlane {
         let zero = ChunkHash::of(&vec![0u8; BLOCK as usize]);
         for (i, h) in &r.blocks {
             let h: ChunkHash = h.parse().map_err(|_| internal("stored block hash"))?;
-            if h == zero {
+            // An all-zero block as sent is not stored (encrypted or not).
+            if r.sums.get(i).map_or(h == zero, |s| *s == zero.to_string()) {
                 chunks.remove(i);
             } else {
                 chunks.insert(*i, h);
@@ -622,7 +647,19 @@ impl ControlPlane {
             parent: r.parent.clone(),
             created_at: r.started_at,
             description: r.description.clone(),
-            encryption: None,
+            encryption: match &r.encryption {
+                Some(k) => Some(EncryptionHeader {
+                    kms_key_id: k
+                        .kms_key_id
+                        .parse()
+                        .map_err(|e| internal(format!("stored KMS key id: {e}")))?,
+                    wrapped_key: hex::decode(&k.wrapped_key)
+                        .map_err(|e| internal(format!("stored wrapped key: {e}")))?,
+                    cipher: CIPHER_XTS_4K.into(),
+                    context_volume: Some(k.context_volume.clone()),
+                }),
+                None => None,
+            },
             chunks,
         };
         self.archive
@@ -787,6 +824,20 @@ impl ControlPlane {
             .get_chunk(&hash)
             .await
             .map_err(|e| internal(format!("block {index} of {id}: {e}")))?;
+        let data = match &m.encryption {
+            Some(h) => {
+                let key = EbsKey {
+                    kms_key_id: h.kms_key_id.to_string(),
+                    wrapped_key: hex::encode(&h.wrapped_key),
+                    context_volume: h
+                        .context_volume
+                        .clone()
+                        .ok_or_else(|| internal(format!("{id} names no key context")))?,
+                };
+                self.transform_block(&key, index, false, &data).await?
+            }
+            None => data,
+        };
         let digest = Sha256::digest(&data);
         let mut resp = Response::builder()
             .status(StatusCode::OK)
@@ -840,6 +891,108 @@ impl ControlPlane {
                 }
             }
         }
+    }
+
+    /// The data key of a new snapshot: its encrypted parent's (a child reads its parent's
+    /// blocks, so one key), or a new one under `KmsKeyArn` (the fleet default when only
+    /// `Encrypted`), bound to a fresh context id; none for an unencrypted one.
+    async fn ebs_key(
+        &self,
+        parent_key: Option<EncryptionHeader>,
+        encrypted: bool,
+        kms_key_arn: Option<&str>,
+        has_parent: bool,
+    ) -> Result<Option<EbsKey>, EbsError> {
+        let resolve = |arn: String| async move {
+            let kid: KmsKeyId = arn
+                .parse()
+                .map_err(|e| invalid("INVALID_PARAMETER_VALUE", format!("KmsKeyArn: {e}")))?;
+            self.kms.describe_key(&kid).await.map_err(kms_ebs_error)
+        };
+        match parent_key {
+            Some(h) => {
+                if let Some(arn) = kms_key_arn {
+                    if resolve(arn.to_owned()).await? != h.kms_key_id.to_string() {
+                        return Err(invalid(
+                            "INVALID_PARAMETER_VALUE",
+                            "a child of an encrypted snapshot is encrypted under its parent's KMS key",
+                        ));
+                    }
+                }
+                Ok(Some(EbsKey {
+                    kms_key_id: h.kms_key_id.to_string(),
+                    wrapped_key: hex::encode(&h.wrapped_key),
+                    context_volume: h
+                        .context_volume
+                        .ok_or_else(|| internal("the parent names no key context"))?,
+                }))
+            }
+            None if encrypted || kms_key_arn.is_some() => {
+                if has_parent {
+                    return Err(invalid(
+                        "INVALID_PARAMETER_VALUE",
+                        "an encrypted snapshot's parent must be encrypted (under the same key)",
+                    ));
+                }
+                let arn = match kms_key_arn {
+                    Some(a) => a.to_owned(),
+                    None => self.default_key().await.map_err(|e| internal(e.message))?,
+                };
+                let key_id = resolve(arn).await?;
+                let kid: KmsKeyId = key_id
+                    .parse()
+                    .map_err(|e| internal(format!("KMS key id {key_id}: {e}")))?;
+                let context = VolumeId::generate();
+                let wrapped = self
+                    .kms
+                    .generate_wrapped_key(&kid, &context)
+                    .await
+                    .map_err(kms_ebs_error)?;
+                Ok(Some(EbsKey {
+                    kms_key_id: key_id,
+                    wrapped_key: hex::encode(wrapped),
+                    context_volume: context,
+                }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// One block through a transform worker's encryption path: the plaintext key stays there.
+    async fn transform_block(
+        &self,
+        key: &EbsKey,
+        block: u64,
+        encrypt: bool,
+        data: &[u8],
+    ) -> Result<Bytes, EbsError> {
+        let req = BlockTransformRequest {
+            wrapped_key: key.wrapped_key.clone(),
+            context_volume: key.context_volume.clone(),
+            block,
+            encrypt,
+            data: b64(data),
+        };
+        let mut last = "no transform worker is up".to_owned();
+        for w in self.live_workers() {
+            let client = JsonClient::new(&w, std::time::Duration::from_secs(30));
+            match client
+                .post::<_, BlockTransformReply>("/v1/transform-block", &req)
+                .await
+            {
+                Ok(r) => {
+                    return base64::engine::general_purpose::STANDARD
+                        .decode(r.data)
+                        .map(Bytes::from)
+                        .map_err(|e| internal(format!("transform worker {w}: {e}")))
+                }
+                Err(e) => last = format!("transform worker {w}: {e}"),
+            }
+        }
+        Err(internal(format!(
+            "cannot {} block {block}: {last}; retry",
+            if encrypt { "encrypt" } else { "decrypt" }
+        )))
     }
 
     /// Registers the blocks of pending EBS snapshots with garbage collection (after a restart).

@@ -41,8 +41,8 @@ impl ControlPlane {
         };
         Snapshot {
             snapshot_id: s.id.clone(),
-            set_id: s.set_id.clone(),
-            volume_id: s.volume_id.clone(),
+            set_id: Some(s.set_id.clone()),
+            volume_id: Some(s.volume_id.clone()),
             volume_size: s.volume_size,
             state: s.state,
             parent: s.base.as_ref().map(|(p, _)| p.clone()),
@@ -245,6 +245,7 @@ impl ControlPlane {
         } else {
             req.snapshot_ids
                 .iter()
+                .filter(|id| !matches!(self.state.ebs(id), Ok(Some(_))))
                 .map(|id| {
                     self.state.snapshot(id)?.ok_or_else(|| {
                         ApiError::not_found(
@@ -255,13 +256,24 @@ impl ControlPlane {
                 })
                 .collect::<Result<Vec<_>, _>>()?
         };
-        let out: Vec<Snapshot> = records
+        let mut out: Vec<Snapshot> = records
             .iter()
             .filter(|s| req.volume_id.as_ref().is_none_or(|v| &s.volume_id == v))
             .filter(|s| req.set_id.as_ref().is_none_or(|x| &s.set_id == x))
             .filter(|s| req.state.is_none_or(|x| s.state == x))
             .map(|s| self.snapshot_view(s))
             .collect();
+        // Uploads through the EBS direct APIs belong to no volume or set.
+        if req.volume_id.is_none() && req.set_id.is_none() {
+            out.extend(
+                self.state
+                    .ebs_all()?
+                    .iter()
+                    .filter(|r| req.snapshot_ids.is_empty() || req.snapshot_ids.contains(&r.id))
+                    .filter(|r| req.state.is_none_or(|x| r.state == x))
+                    .map(ebs_view),
+            );
+        }
         Ok(json!({ "snapshots": out }))
     }
 
@@ -284,9 +296,13 @@ impl ControlPlane {
         let id = &req.snapshot_id;
         let _changes = self.changes.lock().await;
         let record = self.state.snapshot(id)?;
+        let ebs = self.state.ebs(id)?;
         if record
             .as_ref()
             .is_some_and(|s| s.state == SnapshotState::Pending)
+            || ebs
+                .as_ref()
+                .is_some_and(|r| r.state == SnapshotState::Pending)
         {
             return Err(ApiError::conflict(
                 "IncorrectState",
@@ -307,8 +323,8 @@ impl ControlPlane {
         }
         let chunks: HashSet<_> = match self.manifest(id).await {
             Ok(m) => m.chunks.into_values().collect(),
-            // An errored set's snapshot has no manifest left; its record still goes.
-            Err(e) if e.status == 404 && record.is_some() => HashSet::new(),
+            // An errored set's snapshot (or timed-out upload) has no manifest; its record goes.
+            Err(e) if e.status == 404 && (record.is_some() || ebs.is_some()) => HashSet::new(),
             Err(e) => return Err(e),
         };
         self.archive
@@ -327,6 +343,7 @@ impl ControlPlane {
             }
         }
         self.state.remove_snapshot(id)?;
+        self.state.remove_ebs(id)?;
         self.state.flush()?;
         tracing::info!(snapshot = %id, deleted_chunks = deleted, "snapshot deleted");
         Ok(json!({ "deleted_chunks": deleted }))
@@ -358,5 +375,26 @@ impl ControlPlane {
             volume_size: second.volume_size,
             blocks,
         })
+    }
+}
+
+/// The API view of a snapshot uploaded through the EBS direct APIs.
+fn ebs_view(r: &crate::state::EbsRecord) -> Snapshot {
+    Snapshot {
+        snapshot_id: r.id.clone(),
+        set_id: None,
+        volume_id: None,
+        volume_size: r.volume_size_gib << 30,
+        state: r.state,
+        parent: r.parent.clone(),
+        changed_chunks: Some(r.blocks.len() as u64),
+        done_chunks: r.blocks.len() as u64,
+        uploaded_chunks: r.blocks.len() as u64,
+        encrypted: r.encryption.is_some(),
+        kms_key_id: r.encryption.as_ref().map(|k| k.kms_key_id.clone()),
+        description: r.description.clone(),
+        tags: r.tags.iter().cloned().collect(),
+        created_at: r.started_at,
+        error: r.error.clone(),
     }
 }

@@ -36,7 +36,7 @@ impl ControlPlane {
     }
 
     /// The fleet's default volume key, created on first use (like AWS's `aws/ebs`).
-    async fn default_key(&self) -> Result<String, ApiError> {
+    pub(super) async fn default_key(&self) -> Result<String, ApiError> {
         if let Some(k) = self.state.setting(DEFAULT_KEY_SETTING)? {
             return Ok(k);
         }
