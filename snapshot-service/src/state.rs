@@ -127,6 +127,9 @@ pub struct State {
     uploads: sled::Tree,
     /// Snapshots made through the EBS direct APIs, by id.
     ebs: sled::Tree,
+    /// Blocks put to pending EBS snapshots: `<id>/<index, 20 digits>` -> [hash, sum] (moved
+    /// into the record at completion), so a put costs one small insert.
+    ebs_blocks: sled::Tree,
 }
 
 /// A snapshot made through the EBS direct APIs (StartSnapshot .. CompleteSnapshot).
@@ -207,6 +210,7 @@ impl State {
             tokens: db.open_tree("tokens")?,
             uploads: db.open_tree("uploads")?,
             ebs: db.open_tree("ebs")?,
+            ebs_blocks: db.open_tree("ebs_blocks")?,
             db,
         })
     }
@@ -329,6 +333,48 @@ impl State {
 
     pub fn remove_ebs(&self, id: &SnapshotId) -> Result<(), StateError> {
         self.ebs.remove(id.as_str())?;
+        self.remove_ebs_blocks(id)
+    }
+
+    /// Records block `index` of pending snapshot `id`: its stored hash and the caller's sum.
+    pub fn put_ebs_block(
+        &self,
+        id: &SnapshotId,
+        index: u64,
+        hash: &str,
+        sum: &str,
+    ) -> Result<(), StateError> {
+        put(&self.ebs_blocks, &format!("{id}/{index:020}"), &(hash, sum))
+    }
+
+    /// The blocks put to pending snapshot `id`: index -> (hash, sum).
+    pub fn ebs_blocks(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<BTreeMap<u64, (String, String)>, StateError> {
+        let prefix = format!("{id}/");
+        let mut out = BTreeMap::new();
+        for kv in self.ebs_blocks.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let corrupt = |reason: String| StateError::Corrupt {
+                key: key.clone(),
+                reason,
+            };
+            let index: u64 = key[prefix.len()..]
+                .parse()
+                .map_err(|e: std::num::ParseIntError| corrupt(e.to_string()))?;
+            let pair: (String, String) =
+                serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))?;
+            out.insert(index, pair);
+        }
+        Ok(out)
+    }
+
+    pub fn remove_ebs_blocks(&self, id: &SnapshotId) -> Result<(), StateError> {
+        for k in self.ebs_blocks.scan_prefix(format!("{id}/")).keys() {
+            self.ebs_blocks.remove(k?)?;
+        }
         Ok(())
     }
 

@@ -48,6 +48,8 @@ const BLOCK: u64 = CHUNK;
 const MAX_BODY: usize = BLOCK as usize + 4096;
 const MAX_VOLUME_GIB: u64 = 64 * 1024;
 const TOKEN_KEY_SETTING: &str = "ebs_block_token_key";
+/// Manifests kept in memory for block reads.
+const MANIFEST_CACHE: usize = 16;
 /// Lifetime a listing states for its block tokens (the key does not rotate yet).
 const TOKEN_LIFETIME_S: u64 = 3600;
 
@@ -333,15 +335,19 @@ impl ControlPlane {
 
     /// The key block tokens are made under, created on first use.
     fn token_key(&self) -> Result<Vec<u8>, EbsError> {
+        if let Some(k) = self.ebs_token_key.get() {
+            return Ok(k.clone());
+        }
         if let Some(k) = self.state.setting(TOKEN_KEY_SETTING)? {
-            return hex::decode(k).map_err(|e| internal(format!("stored token key: {e}")));
+            let k = hex::decode(k).map_err(|e| internal(format!("stored token key: {e}")))?;
+            return Ok(self.ebs_token_key.get_or_init(|| k).clone());
         }
         let mut k = vec![0u8; 32];
         getrandom::fill(&mut k).map_err(|e| internal(e.to_string()))?;
         self.state
             .put_setting(TOKEN_KEY_SETTING, &hex::encode(&k))?;
         self.state.flush()?;
-        Ok(k)
+        Ok(self.ebs_token_key.get_or_init(|| k).clone())
     }
 
     fn block_token(
@@ -423,7 +429,7 @@ impl ControlPlane {
                         format!("VolumeSize is smaller than parent {p}'s"),
                     ));
                 }
-                (Some(p), m.encryption)
+                (Some(p), m.encryption.clone())
             }
             None => (None, None),
         };
@@ -539,7 +545,15 @@ impl ControlPlane {
             Some(k) if !zero => self.transform_block(k, index, true, &body).await?,
             _ => body,
         };
-        let hash = ChunkHash::of(&body);
+        let hash = match &r.encryption {
+            Some(_) => ChunkHash::of(&body),
+            None => ChunkHash(digest.into()),
+        };
+        // Held shared while the block is recorded; CompleteSnapshot holds it exclusively, so
+        // no put lands between its read of the blocks and the manifest.
+        let lock = self.ebs_lock(&id);
+        let _held = lock.read().await;
+        self.pending_ebs(&id)?;
         if !zero {
             let present = {
                 let _gc = self.gc.read().await;
@@ -561,13 +575,8 @@ impl ControlPlane {
                     .map_err(|e| internal(e.to_string()))?;
             }
         }
-        {
-            let _changes = self.changes.lock().await;
-            let mut r = self.pending_ebs(&id)?;
-            r.blocks.insert(index, hash.to_string());
-            r.sums.insert(index, hex::encode(digest));
-            self.state.put_ebs(&r)?;
-        }
+        self.state
+            .put_ebs_block(&id, index, &hash.to_string(), &hex::encode(digest))?;
         let mut resp = json_reply(StatusCode::CREATED, json!({}));
         let h = resp.headers_mut();
         if let Ok(v) = hyper::header::HeaderValue::from_str(&b64(&digest)) {
@@ -581,8 +590,14 @@ impl ControlPlane {
     }
 
     async fn complete_snapshot(&self, id: SnapshotId, headers: &[(String, String)]) -> Reply {
+        let lock = self.ebs_lock(&id);
+        let _held = lock.write().await;
         let _changes = self.changes.lock().await;
         let mut r = self.pending_ebs(&id)?;
+        for (i, (hash, sum)) in self.state.ebs_blocks(&id)? {
+            r.blocks.insert(i, hash);
+            r.sums.insert(i, sum);
+        }
         let count: u64 = header(headers, "x-amz-changedblockscount")
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| {
@@ -624,11 +639,11 @@ impl ControlPlane {
             }
         }
         let mut chunks = match &r.parent {
-            Some(p) => {
-                self.ebs_manifest(p, "DEPENDENCY_RESOURCE_NOT_FOUND")
-                    .await?
-                    .chunks
-            }
+            Some(p) => self
+                .ebs_manifest(p, "DEPENDENCY_RESOURCE_NOT_FOUND")
+                .await?
+                .chunks
+                .clone(),
             None => BTreeMap::new(),
         };
         let zero = ChunkHash::of(&vec![0u8; BLOCK as usize]);
@@ -668,7 +683,12 @@ impl ControlPlane {
             .map_err(|e| internal(e.to_string()))?;
         r.state = SnapshotState::Completed;
         self.state.put_ebs(&r)?;
+        self.state.remove_ebs_blocks(&id)?;
         self.state.flush()?;
+        self.ebs_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -680,20 +700,51 @@ impl ControlPlane {
         ))
     }
 
+    /// The mutex of one EBS snapshot's puts (shared) and completion (exclusive).
+    fn ebs_lock(&self, id: &SnapshotId) -> Arc<tokio::sync::RwLock<()>> {
+        Arc::clone(
+            self.ebs_locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id.clone())
+                .or_default(),
+        )
+    }
+
     /// A completed snapshot's manifest (`missing`: the reason when there is none).
     async fn ebs_manifest(
         &self,
         id: &SnapshotId,
         missing: &'static str,
-    ) -> Result<Manifest, EbsError> {
-        self.archive.get_manifest(id).await.map_err(|e| match e {
+    ) -> Result<Arc<Manifest>, EbsError> {
+        // Manifests never change once written: downloads read each one once, not per block.
+        if let Some(m) = self.manifest_cache().get(id) {
+            return Ok(Arc::clone(m));
+        }
+        let m = self.archive.get_manifest(id).await.map_err(|e| match e {
             SnapshotError::NotFound(_) => not_found(
                 missing,
                 format!("snapshot {id} does not exist or is not completed"),
             ),
             SnapshotError::Store(ref s) if !s.is_not_found() => internal(e.to_string()),
             other => invalid("INVALID_SNAPSHOT_ID", format!("snapshot {id}: {other}")),
-        })
+        })?;
+        let m = Arc::new(m);
+        let mut cache = self.manifest_cache();
+        if cache.len() >= MANIFEST_CACHE {
+            cache.clear();
+        }
+        cache.insert(id.clone(), Arc::clone(&m));
+        Ok(m)
+    }
+
+    fn manifest_cache(&self) -> std::sync::MutexGuard<'_, HashMap<SnapshotId, Arc<Manifest>>> {
+        self.ebs_manifests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets a deleted snapshot's cached manifest.
+    pub(super) fn forget_manifest(&self, id: &SnapshotId) {
+        self.manifest_cache().remove(id);
     }
 
     /// Paging: `maxResults` (100 to 10000, default 10000), `pageToken` (the next block
@@ -880,8 +931,11 @@ impl ControlPlane {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&format!("ebs:{}", r.id));
-            let chunks: HashSet<ChunkHash> =
-                r.blocks.values().filter_map(|h| h.parse().ok()).collect();
+            let chunks: HashSet<ChunkHash> = match self.state.ebs_blocks(&r.id) {
+                Ok(b) => b.values().filter_map(|(h, _)| h.parse().ok()).collect(),
+                Err(_) => continue,
+            };
+            let _ = self.state.remove_ebs_blocks(&r.id);
             match self.collect_garbage(chunks).await {
                 Ok(n) => {
                     tracing::info!(snapshot = %r.id, deleted = n, "ebs snapshot timed out: its blocks deleted")
@@ -1000,8 +1054,12 @@ impl ControlPlane {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         for r in self.state.ebs_all()? {
             if r.state == SnapshotState::Pending {
-                let set: HashSet<ChunkHash> =
-                    r.blocks.values().filter_map(|h| h.parse().ok()).collect();
+                let set: HashSet<ChunkHash> = self
+                    .state
+                    .ebs_blocks(&r.id)?
+                    .values()
+                    .filter_map(|(h, _)| h.parse().ok())
+                    .collect();
                 pending.insert(format!("ebs:{}", r.id), set);
             }
         }

@@ -117,6 +117,12 @@ pub(crate) struct ControlPlane {
     last_mark: AtomicU64,
     /// Host agents' latest views of their volumes' replicas, with when each came.
     replica_reports: Mutex<HashMap<VolumeId, (ReplicaReport, u64)>>,
+    /// Per pending EBS-direct snapshot: puts shared, completion exclusive.
+    ebs_locks: Mutex<HashMap<SnapshotId, Arc<tokio::sync::RwLock<()>>>>,
+    /// The EBS block-token key, once loaded.
+    ebs_token_key: std::sync::OnceLock<Vec<u8>>,
+    /// Recently read manifests, for EBS block reads.
+    ebs_manifests: Mutex<HashMap<SnapshotId, Arc<blockfleet_core::snapshot::Manifest>>>,
 }
 
 impl ControlPlane {
@@ -260,6 +266,9 @@ pub async fn run(
         metrics: OpMetrics::new(["pause_window", "snapshot_set"]),
         last_mark: AtomicU64::new(0),
         replica_reports: Mutex::new(HashMap::new()),
+        ebs_locks: Mutex::new(HashMap::new()),
+        ebs_token_key: std::sync::OnceLock::new(),
+        ebs_manifests: Mutex::new(HashMap::new()),
     });
     if let Some(addr) = &cp.config.metrics_listen {
         let l = TcpListener::bind(addr)

@@ -327,6 +327,7 @@ impl ControlPlane {
             Err(e) if e.status == 404 && (record.is_some() || ebs.is_some()) => HashSet::new(),
             Err(e) => return Err(e),
         };
+        self.forget_manifest(id);
         self.archive
             .delete_manifest(id)
             .await
