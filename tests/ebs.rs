@@ -705,3 +705,64 @@ async fn encrypted_uploads_store_ciphertext_and_restore() {
         .unwrap_err();
     assert_eq!(e.code(), Some("ValidationException"), "{e:?}");
 }
+
+/// Past `ebs_max_inflight` requests at once, the AWS throttling error (which SDKs retry);
+/// the refused puts succeed when sent again and nothing else is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_requests_at_once_are_throttled() {
+    let f = Fleet::start(FleetOptions {
+        control_plane_extra: "ebs_max_inflight = 2".into(),
+        ..Default::default()
+    });
+    let c = client(&f, "AKEBS", "ebs-secret-0123").await;
+    let s = c
+        .start_snapshot()
+        .volume_size(1)
+        .timeout(4320)
+        .send()
+        .await
+        .unwrap();
+    let id = s.snapshot_id().unwrap().to_owned();
+    let data: Vec<Vec<u8>> = (0..24).map(|i| block(1000 + i)).collect();
+    let results = futures::future::join_all(
+        data.iter()
+            .enumerate()
+            .map(|(i, b)| put(&c, &id, i as i32, b)),
+    )
+    .await;
+    let throttled: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))
+        .map(|(i, e)| {
+            assert!(e.starts_with("RequestThrottledException"), "{e}");
+            i
+        })
+        .collect();
+    assert!(
+        !throttled.is_empty(),
+        "24 puts at once with a limit of 2: none throttled"
+    );
+    for &i in &throttled {
+        let mut tries = 0;
+        while let Err(e) = put(&c, &id, i as i32, &data[i]).await {
+            assert!(e.starts_with("RequestThrottledException"), "{e}");
+            tries += 1;
+            assert!(tries < 50);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    c.complete_snapshot()
+        .snapshot_id(&id)
+        .changed_blocks_count(24)
+        .send()
+        .await
+        .unwrap();
+    let listed = c
+        .list_snapshot_blocks()
+        .snapshot_id(&id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.blocks().len(), 24);
+}

@@ -75,6 +75,8 @@ pub struct FleetOptions {
     pub poll_ms: u64,
     /// Block server processes (volumes have three replicas).
     pub block_servers: usize,
+    /// More `[control_plane]` settings (TOML lines).
+    pub control_plane_extra: String,
 }
 
 impl Default for FleetOptions {
@@ -85,6 +87,7 @@ impl Default for FleetOptions {
             concurrency: 8,
             poll_ms: 100,
             block_servers: 3,
+            control_plane_extra: String::new(),
         }
     }
 }
@@ -133,6 +136,7 @@ metrics_listen = "127.0.0.1:{cpm}"
 ebs_listen = "127.0.0.1:{ebs}"
 # A StartSnapshot Timeout minute lasts 100 ms here, so expiry is testable.
 ebs_timeout_minute_ms = 100
+{cp_extra}
 job_lease_ms = 1000
 [[control_plane.ebs_principals]]
 name = "uploader"
@@ -183,6 +187,7 @@ secret_access_key = "host-secret-0123"
             concurrency = o.concurrency,
             background = o.background_mib_per_sec,
             poll_ms = o.poll_ms,
+            cp_extra = o.control_plane_extra,
         );
         let config = dir.path().join("fleet.toml");
         std::fs::write(&config, text).unwrap();

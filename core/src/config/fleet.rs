@@ -49,6 +49,14 @@ pub struct ControlPlaneConfig {
     /// tests and drills of the expiry).
     #[serde(default = "default_minute_ms")]
     pub ebs_timeout_minute_ms: u64,
+    /// EBS direct API requests served at once; more are refused with
+    /// `RequestThrottledException` (SDKs back off and retry).
+    #[serde(default = "default_ebs_inflight")]
+    pub ebs_max_inflight: usize,
+}
+
+fn default_ebs_inflight() -> usize {
+    256
 }
 
 fn default_minute_ms() -> u64 {
@@ -101,6 +109,7 @@ impl Default for ControlPlaneConfig {
             ebs_listen: None,
             ebs_principals: Vec::new(),
             ebs_timeout_minute_ms: default_minute_ms(),
+            ebs_max_inflight: default_ebs_inflight(),
         }
     }
 }
@@ -149,6 +158,12 @@ impl ControlPlaneConfig {
         }
         if let Some(k) = &self.kms {
             k.validate()?;
+        }
+        if !(1..=65_536).contains(&self.ebs_max_inflight) {
+            return Err(invalid(
+                "control_plane.ebs_max_inflight",
+                "must be 1 to 65536",
+            ));
         }
         if !(10..=60_000).contains(&self.ebs_timeout_minute_ms) {
             return Err(invalid(

@@ -229,6 +229,7 @@ pub(super) async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    let inflight = Arc::new(tokio::sync::Semaphore::new(cp.config.ebs_max_inflight));
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -242,10 +243,20 @@ pub(super) async fn serve(
             },
         };
         let cp = Arc::clone(&cp);
+        let inflight = Arc::clone(&inflight);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let cp = Arc::clone(&cp);
+                let permit = Arc::clone(&inflight).try_acquire_owned();
                 async move {
+                    let Ok(_permit) = permit else {
+                        return Ok::<_, std::convert::Infallible>(error_reply(&EbsError {
+                            status: 400,
+                            code: "RequestThrottledException",
+                            reason: Some("RESOURCE_LEVEL_THROTTLE"),
+                            message: "too many requests at once; retry with backoff".into(),
+                        }));
+                    };
                     let r = match cp.ebs_request(req).await {
                         Ok(r) => r,
                         Err(e) => {
