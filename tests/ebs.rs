@@ -121,6 +121,47 @@ async fn get(
     Ok(data)
 }
 
+/// Restores `snapshot` into a new volume (`encrypted`: under the fleet's default key), waits
+/// for hydration, and reads the whole volume back through NBD (nbdcopy against a host agent).
+async fn restore(f: &Fleet, snapshot: &str, encrypted: bool) -> Vec<u8> {
+    let v =
+        f.cp.create_volume(&CreateVolumeRequest {
+            snapshot_id: Some(snapshot.parse().unwrap()),
+            encrypted,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    let start = std::time::Instant::now();
+    while f
+        .cp
+        .describe_volumes(std::slice::from_ref(&v.volume_id))
+        .await
+        .unwrap()[0]
+        .hydration
+        .as_ref()
+        .is_some_and(|h| h.state != HydrationState::Done)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "hydration did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let agent = f.attach(&v.volume_id);
+    let out = f.dir.path().join(format!("{}.raw", v.volume_id));
+    let st = std::process::Command::new("nbdcopy")
+        .arg(format!("nbd://{}/{}", agent.addr, v.volume_id))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let restored = std::fs::read(&out).unwrap();
+    assert_eq!(restored.len(), 1 << 30);
+    restored
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_restore_download_and_incremental_through_the_aws_sdk() {
     let f = Fleet::start(FleetOptions::default());
@@ -167,47 +208,13 @@ async fn upload_restore_download_and_incremental_through_the_aws_sdk() {
     assert!(e.starts_with("ValidationException"), "{e}");
 
     // Restored into a volume and read back through NBD, bit-identical.
-    let v =
-        f.cp.create_volume(&CreateVolumeRequest {
-            snapshot_id: Some(first.parse().unwrap()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .remove(0);
-    let start = std::time::Instant::now();
-    while f
-        .cp
-        .describe_volumes(std::slice::from_ref(&v.volume_id))
-        .await
-        .unwrap()[0]
-        .hydration
-        .as_ref()
-        .is_some_and(|h| h.state != HydrationState::Done)
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "hydration did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let agent = f.attach(&v.volume_id);
-    let out = f.dir.path().join("restored.raw");
-    let st = std::process::Command::new("nbdcopy")
-        .arg(format!("nbd://{}/{}", agent.addr, v.volume_id))
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let restored = std::fs::read(&out).unwrap();
-    assert_eq!(restored.len(), 1 << 30);
+    let restored = restore(&f, &first, false).await;
     let want: Vec<u8> = image.iter().flat_map(|(_, b)| b.clone()).collect();
     assert!(
         restored[..want.len()] == want[..],
         "restored volume differs"
     );
     assert!(restored[want.len()..].iter().all(|&b| b == 0));
-    drop(agent);
 
     // Incremental on the parent: block 1 changed, block 20 new; the rest comes from the parent.
     let changed = vec![(1, block(101)), (20, block(120))];
@@ -620,46 +627,12 @@ async fn encrypted_uploads_store_ciphertext_and_restore() {
         assert!(got == blocks[i].1, "block {i}");
     }
     // Restored into an encrypted volume and read back through NBD.
-    let v =
-        f.cp.create_volume(&CreateVolumeRequest {
-            snapshot_id: Some(id.parse().unwrap()),
-            encrypted: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .remove(0);
-    let start = std::time::Instant::now();
-    while f
-        .cp
-        .describe_volumes(std::slice::from_ref(&v.volume_id))
-        .await
-        .unwrap()[0]
-        .hydration
-        .as_ref()
-        .is_some_and(|h| h.state != HydrationState::Done)
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "hydration did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let agent = f.attach(&v.volume_id);
-    let out = f.dir.path().join("restored-enc.raw");
-    let st = std::process::Command::new("nbdcopy")
-        .arg(format!("nbd://{}/{}", agent.addr, v.volume_id))
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let restored = std::fs::read(&out).unwrap();
+    let restored = restore(&f, &id, true).await;
     let want: Vec<u8> = blocks.iter().flat_map(|(_, b)| b.clone()).collect();
     assert!(
         restored[..want.len()] == want[..],
         "restored volume differs"
     );
-    drop(agent);
 
     // A child of the encrypted parent: encrypted under the same key, another key refused.
     let e = c

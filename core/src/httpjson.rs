@@ -94,7 +94,40 @@ pub async fn serve<H, F>(
     F: Future<Output = Reply> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    // Open keep-alive connections finish their request in flight and close at shutdown.
+    serve_http(
+        listener,
+        shutdown,
+        move |req: Request<hyper::body::Incoming>| {
+            let handler = Arc::clone(&handler);
+            async move {
+                let (parts, body) = req.into_parts();
+                let reply = match Limited::new(body, MAX_BODY).collect().await {
+                    Ok(b) => handler(parts.method, parts.uri.path().to_owned(), b.to_bytes()).await,
+                    Err(_) => Err(ApiError::new(
+                        413,
+                        "RequestTooLarge",
+                        format!("request body larger than {MAX_BODY} bytes or unreadable"),
+                    )),
+                };
+                respond(reply)
+            }
+        },
+    )
+    .await;
+}
+
+/// The HTTP/1 accept loop every blockfleet server uses: each request to `handler`, until
+/// `shutdown` resolves; open keep-alive connections then finish the request in flight and
+/// close.
+pub async fn serve_http<H, F>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    handler: H,
+) where
+    H: Fn(Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
@@ -115,22 +148,9 @@ pub async fn serve<H, F>(
         let handler = Arc::clone(&handler);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let handler = Arc::clone(&handler);
-                async move {
-                    let (parts, body) = req.into_parts();
-                    let reply = match Limited::new(body, MAX_BODY).collect().await {
-                        Ok(b) => {
-                            handler(parts.method, parts.uri.path().to_owned(), b.to_bytes()).await
-                        }
-                        Err(_) => Err(ApiError::new(
-                            413,
-                            "RequestTooLarge",
-                            format!("request body larger than {MAX_BODY} bytes or unreadable"),
-                        )),
-                    };
-                    Ok::<_, std::convert::Infallible>(respond(reply))
-                }
+            let service = hyper::service::service_fn(move |req| {
+                let reply = handler(req);
+                async move { Ok::<_, std::convert::Infallible>(reply.await) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);

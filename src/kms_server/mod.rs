@@ -171,29 +171,9 @@ pub async fn run(
         region: config.region.clone(),
         principals,
     });
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => match a {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kms accept failed");
-                    continue;
-                }
-            },
-        };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, std::convert::Infallible>(handle(state, req).await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
-        });
-    }
+    blockfleet_core::httpjson::serve_http(listener, shutdown, move |req| {
+        handle(Arc::clone(&state), req)
+    })
+    .await;
     Ok(())
 }

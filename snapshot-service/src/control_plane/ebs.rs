@@ -230,49 +230,31 @@ pub(super) async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let inflight = Arc::new(tokio::sync::Semaphore::new(cp.config.ebs_max_inflight));
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => break,
-            a = listener.accept() => match a {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ebs accept failed");
-                    continue;
-                }
-            },
-        };
+    blockfleet_core::httpjson::serve_http(listener, shutdown, move |req: Request<Incoming>| {
         let cp = Arc::clone(&cp);
-        let inflight = Arc::clone(&inflight);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let cp = Arc::clone(&cp);
-                let permit = Arc::clone(&inflight).try_acquire_owned();
-                async move {
-                    let Ok(_permit) = permit else {
-                        return Ok::<_, std::convert::Infallible>(error_reply(&EbsError {
-                            status: 400,
-                            code: "RequestThrottledException",
-                            reason: Some("RESOURCE_LEVEL_THROTTLE"),
-                            message: "too many requests at once; retry with backoff".into(),
-                        }));
-                    };
-                    let r = match cp.ebs_request(req).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::info!(code = e.code, error = %e.message, "ebs request refused");
-                            error_reply(&e)
-                        }
-                    };
-                    Ok::<_, std::convert::Infallible>(r)
+        let permit = Arc::clone(&inflight).try_acquire_owned();
+        async move {
+            let Ok(_permit) = permit else {
+                // Read the body anyway: a reply before the upload is read makes the client
+                // see a reset connection instead of the throttling error.
+                let _ = Limited::new(req.into_body(), MAX_BODY).collect().await;
+                return error_reply(&EbsError {
+                    status: 400,
+                    code: "RequestThrottledException",
+                    reason: Some("RESOURCE_LEVEL_THROTTLE"),
+                    message: "too many requests at once; retry with backoff".into(),
+                });
+            };
+            match cp.ebs_request(req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::info!(code = e.code, error = %e.message, "ebs request refused");
+                    error_reply(&e)
                 }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
-        });
-    }
+            }
+        }
+    })
+    .await;
 }
 
 impl ControlPlane {
