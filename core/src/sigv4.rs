@@ -91,6 +91,28 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Verifies a received HTTP request (its head and whole body) for `service`: see [`verify`].
+pub fn verify_request(
+    parts: &hyper::http::request::Parts,
+    body: &[u8],
+    service: &str,
+    now: SystemTime,
+    secret_for: impl Fn(&str) -> Option<String>,
+) -> Result<Caller, SigV4Error> {
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let received = Received {
+        method: parts.method.as_str(),
+        path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+        headers: &headers,
+        body,
+    };
+    verify(&received, service, now, secret_for)
+}
+
 /// Verifies a SigV4-signed request for `service`; `secret_for` maps an access key id to its
 /// secret. Returns the caller on success.
 pub fn verify(

@@ -64,19 +64,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
             })
         }
     };
-    let headers: Vec<(String, String)> = parts
-        .headers
-        .iter()
-        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect();
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let received = sigv4::Received {
-        method: parts.method.as_str(),
-        path_and_query,
-        headers: &headers,
-        body: &body,
-    };
-    let caller = sigv4::verify(&received, "kms", SystemTime::now(), |akid| {
+    let caller = sigv4::verify_request(&parts, &body, "kms", SystemTime::now(), |akid| {
         state.principals.get(akid).map(|(secret, _)| secret.clone())
     });
     let caller = match caller {

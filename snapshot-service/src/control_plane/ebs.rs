@@ -275,14 +275,7 @@ impl ControlPlane {
             .iter()
             .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect();
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let received = sigv4::Received {
-            method: parts.method.as_str(),
-            path_and_query,
-            headers: &headers,
-            body: &body,
-        };
-        sigv4::verify(&received, "ebs", SystemTime::now(), |akid| {
+        sigv4::verify_request(&parts, &body, "ebs", SystemTime::now(), |akid| {
             self.config
                 .ebs_principals
                 .iter()
