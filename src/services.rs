@@ -125,6 +125,9 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
 
     let cp_listener = bind(&config.control_plane.listen).await?;
     println!("control-plane  http://{}", cp_listener.local_addr()?);
+    if let Some(e) = &config.control_plane.ebs_listen {
+        println!("ebs-direct     http://{e}");
+    }
     let c = config.clone();
     let s = stopped();
     tasks.spawn(async move { run_control_plane(&c, cp_listener, s).await });

@@ -391,6 +391,19 @@ async fn bad_input_gets_the_aws_error_and_stores_nothing() {
         .unwrap_err();
     assert!(e.starts_with("ResourceNotFoundException"), "{e}");
     put(&c, &id, 0, &data).await.unwrap();
+    // Pending, with the one block put so far, in DescribeSnapshots.
+    let pending =
+        f.cp.describe_snapshots(&blockfleet_core::api::DescribeSnapshotsRequest {
+            snapshot_ids: vec![id.parse().unwrap()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        pending[0].state,
+        blockfleet_core::api::SnapshotState::Pending
+    );
+    assert_eq!(pending[0].done_chunks, 1);
 
     // Wrong count, wrong aggregate checksum: refused, the snapshot stays pending.
     let e = c

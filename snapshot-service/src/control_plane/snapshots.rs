@@ -271,7 +271,16 @@ impl ControlPlane {
                     .iter()
                     .filter(|r| req.snapshot_ids.is_empty() || req.snapshot_ids.contains(&r.id))
                     .filter(|r| req.state.is_none_or(|x| r.state == x))
-                    .map(ebs_view),
+                    .map(|r| {
+                        // A pending upload's blocks are in their own tree until completion.
+                        let pending = match r.state {
+                            SnapshotState::Pending => {
+                                self.state.ebs_blocks(&r.id).map_or(0, |b| b.len() as u64)
+                            }
+                            _ => 0,
+                        };
+                        ebs_view(r, pending)
+                    }),
             );
         }
         Ok(json!({ "snapshots": out }))
@@ -380,7 +389,8 @@ impl ControlPlane {
 }
 
 /// The API view of a snapshot uploaded through the EBS direct APIs.
-fn ebs_view(r: &crate::state::EbsRecord) -> Snapshot {
+fn ebs_view(r: &crate::state::EbsRecord, pending_blocks: u64) -> Snapshot {
+    let blocks = r.blocks.len() as u64 + pending_blocks;
     Snapshot {
         snapshot_id: r.id.clone(),
         set_id: None,
@@ -388,9 +398,9 @@ fn ebs_view(r: &crate::state::EbsRecord) -> Snapshot {
         volume_size: r.volume_size_gib << 30,
         state: r.state,
         parent: r.parent.clone(),
-        changed_chunks: Some(r.blocks.len() as u64),
-        done_chunks: r.blocks.len() as u64,
-        uploaded_chunks: r.blocks.len() as u64,
+        changed_chunks: Some(blocks),
+        done_chunks: blocks,
+        uploaded_chunks: blocks,
         encrypted: r.encryption.is_some(),
         kms_key_id: r.encryption.as_ref().map(|k| k.kms_key_id.clone()),
         description: r.description.clone(),
