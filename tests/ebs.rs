@@ -692,12 +692,14 @@ async fn encrypted_uploads_store_ciphertext_and_restore() {
     assert_eq!(e.code(), Some("ValidationException"), "{e:?}");
 }
 
-/// Past `ebs_max_inflight` requests at once, the AWS throttling error (which SDKs retry);
-/// the refused puts succeed when sent again and nothing else is lost.
+/// Past `ebs_max_inflight` requests at once, the AWS throttling error (which SDKs retry):
+/// with a limit of 1, a request whose body is still arriving holds the only slot, so a put
+/// is refused; once it is gone the put succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_requests_at_once_are_throttled() {
+    use std::io::Write;
     let f = Fleet::start(FleetOptions {
-        control_plane_extra: "ebs_max_inflight = 2".into(),
+        control_plane_extra: "ebs_max_inflight = 1".into(),
         ..Default::default()
     });
     let c = client(&f, "AKEBS", "ebs-secret-0123").await;
@@ -709,38 +711,38 @@ async fn too_many_requests_at_once_are_throttled() {
         .await
         .unwrap();
     let id = s.snapshot_id().unwrap().to_owned();
-    let data: Vec<Vec<u8>> = (0..24).map(|i| block(1000 + i)).collect();
-    let results = futures::future::join_all(
-        data.iter()
-            .enumerate()
-            .map(|(i, b)| put(&c, &id, i as i32, b)),
+    let addr = f.ebs_endpoint.trim_start_matches("http://").to_owned();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        slow,
+        "PUT /snapshots/{id}/blocks/0 HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {BLOCK}\r\n\r\n"
     )
-    .await;
-    let throttled: Vec<usize> = results
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e)))
-        .map(|(i, e)| {
-            assert!(e.starts_with("RequestThrottledException"), "{e}");
-            i
-        })
-        .collect();
-    assert!(
-        !throttled.is_empty(),
-        "24 puts at once with a limit of 2: none throttled"
-    );
-    for &i in &throttled {
-        let mut tries = 0;
-        while let Err(e) = put(&c, &id, i as i32, &data[i]).await {
-            assert!(e.starts_with("RequestThrottledException"), "{e}");
-            tries += 1;
-            assert!(tries < 50);
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    .unwrap();
+    slow.write_all(&[0u8; 1024]).unwrap();
+    let data = block(1000);
+    // The slow request reaches the server just after its head is sent.
+    let start = std::time::Instant::now();
+    let e = loop {
+        match put(&c, &id, 1, &data).await {
+            Err(e) => break e,
+            Ok(()) => {
+                assert!(start.elapsed() < Duration::from_secs(5), "never throttled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
+    };
+    assert!(e.starts_with("RequestThrottledException"), "{e}");
+    drop(slow);
+    let mut tries = 0;
+    while let Err(e) = put(&c, &id, 1, &data).await {
+        assert!(e.starts_with("RequestThrottledException"), "{e}");
+        tries += 1;
+        assert!(tries < 100, "still throttled after the slow request went");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     c.complete_snapshot()
         .snapshot_id(&id)
-        .changed_blocks_count(24)
+        .changed_blocks_count(1)
         .send()
         .await
         .unwrap();
@@ -750,5 +752,5 @@ async fn too_many_requests_at_once_are_throttled() {
         .send()
         .await
         .unwrap();
-    assert_eq!(listed.blocks().len(), 24);
+    assert_eq!(listed.blocks().len(), 1);
 }
