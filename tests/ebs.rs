@@ -101,6 +101,27 @@ async fn upload(
     id
 }
 
+async fn list(
+    c: &aws_sdk_ebs::Client,
+    id: &str,
+) -> aws_sdk_ebs::operation::list_snapshot_blocks::ListSnapshotBlocksOutput {
+    c.list_snapshot_blocks()
+        .snapshot_id(id)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// CompleteSnapshot with just the block count.
+async fn complete(c: &aws_sdk_ebs::Client, id: &str, blocks: i32) {
+    c.complete_snapshot()
+        .snapshot_id(id)
+        .changed_blocks_count(blocks)
+        .send()
+        .await
+        .unwrap();
+}
+
 async fn get(
     c: &aws_sdk_ebs::Client,
     id: &str,
@@ -182,12 +203,7 @@ async fn upload_restore_download_and_incremental_through_the_aws_sdk() {
     let first = upload(&c, &image, None).await;
 
     // Listed blocks (a zero block is not stored) download bit-identical.
-    let listed = c
-        .list_snapshot_blocks()
-        .snapshot_id(&first)
-        .send()
-        .await
-        .unwrap();
+    let listed = list(&c, &first).await;
     assert_eq!(listed.volume_size(), Some(1));
     let blocks = listed.blocks();
     assert_eq!(
@@ -249,12 +265,7 @@ async fn upload_restore_download_and_incremental_through_the_aws_sdk() {
         .await
         .unwrap();
     assert!(old == image[1].1);
-    let all = c
-        .list_snapshot_blocks()
-        .snapshot_id(&second)
-        .send()
-        .await
-        .unwrap();
+    let all = list(&c, &second).await;
     assert_eq!(
         all.blocks().len(),
         8,
@@ -436,23 +447,13 @@ async fn bad_input_gets_the_aws_error_and_stores_nothing() {
         Some("ResourceNotFoundException"),
         "not completed yet"
     );
-    c.complete_snapshot()
-        .snapshot_id(&id)
-        .changed_blocks_count(1)
-        .send()
-        .await
-        .unwrap();
+    complete(&c, &id, 1).await;
     // After completion: no more blocks.
     let e = put(&c, &id, 1, &data).await.unwrap_err();
     assert!(e.starts_with("ValidationException"), "{e}");
     // A block token of another snapshot.
     let other = upload(&c, &[(0, block(8))], None).await;
-    let t = c
-        .list_snapshot_blocks()
-        .snapshot_id(&other)
-        .send()
-        .await
-        .unwrap();
+    let t = list(&c, &other).await;
     let e = get(&c, &id, 0, t.blocks()[0].block_token().unwrap())
         .await
         .unwrap_err();
@@ -618,18 +619,8 @@ async fn encrypted_uploads_store_ciphertext_and_restore() {
             assert!(stored != *b, "a plaintext block in the store");
         }
     }
-    c.complete_snapshot()
-        .snapshot_id(&id)
-        .changed_blocks_count(3)
-        .send()
-        .await
-        .unwrap();
-    let listed = c
-        .list_snapshot_blocks()
-        .snapshot_id(&id)
-        .send()
-        .await
-        .unwrap();
+    complete(&c, &id, 3).await;
+    let listed = list(&c, &id).await;
     let listed = listed.blocks();
     assert_eq!(listed.len(), 2, "the zero block is not stored");
     for b in listed {
@@ -671,12 +662,7 @@ async fn encrypted_uploads_store_ciphertext_and_restore() {
         .await
         .unwrap();
     assert!(got == block(602));
-    let kept = c
-        .list_snapshot_blocks()
-        .snapshot_id(&child)
-        .send()
-        .await
-        .unwrap();
+    let kept = list(&c, &child).await;
     let b0 = &kept.blocks()[0];
     assert_eq!(b0.block_index(), Some(0));
     assert!(get(&c, &child, 0, b0.block_token().unwrap()).await.unwrap() == blocks[0].1);
@@ -740,17 +726,7 @@ async fn too_many_requests_at_once_are_throttled() {
         assert!(tries < 100, "still throttled after the slow request went");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    c.complete_snapshot()
-        .snapshot_id(&id)
-        .changed_blocks_count(1)
-        .send()
-        .await
-        .unwrap();
-    let listed = c
-        .list_snapshot_blocks()
-        .snapshot_id(&id)
-        .send()
-        .await
-        .unwrap();
+    complete(&c, &id, 1).await;
+    let listed = list(&c, &id).await;
     assert_eq!(listed.blocks().len(), 1);
 }

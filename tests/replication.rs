@@ -26,6 +26,16 @@ struct Model {
     failed: AtomicU64,
 }
 
+impl Model {
+    fn new() -> Self {
+        Model {
+            data: Mutex::new(vec![0u8; SIZE as usize]),
+            acked: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Writers each own a stripe of units (so the model knows the order) and write random 4 KiB
 /// units, with a flush every 16 writes, until `stop`.
 fn start_writers(
@@ -181,11 +191,7 @@ async fn check_replicas_on(
 async fn fault_cycles(kill: bool) {
     let mut f = Fleet::start(FleetOptions::default());
     let (agent, volume) = open_volume(&f).await;
-    let model = Arc::new(Model {
-        data: Mutex::new(vec![0u8; SIZE as usize]),
-        acked: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-    });
+    let model = Arc::new(Model::new());
     let stop = Arc::new(AtomicBool::new(false));
     let writers = start_writers(&agent, &model, &stop);
     let cycles = 10;
@@ -254,11 +260,7 @@ async fn replicas_survive_a_stopped_server_and_converge() {
 async fn writes_fail_without_a_majority_and_recover() {
     let mut f = Fleet::start(FleetOptions::default());
     let (agent, volume) = open_volume(&f).await;
-    let model = Model {
-        data: Mutex::new(vec![0u8; SIZE as usize]),
-        acked: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-    };
+    let model = Model::new();
     let put = |at: u64, byte: u8| {
         model.data.lock().unwrap()[at as usize..(at + UNIT) as usize].fill(byte);
         vec![byte; UNIT as usize]
@@ -339,11 +341,7 @@ async fn drain_moves_replicas_under_load() {
         agent.replicas(),
         Duration::from_millis(200),
     );
-    let model = Arc::new(Model {
-        data: Mutex::new(vec![0u8; SIZE as usize]),
-        acked: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-    });
+    let model = Arc::new(Model::new());
     let stop = Arc::new(AtomicBool::new(false));
     let writers = start_writers(&agent, &model, &stop);
     tokio::time::sleep(Duration::from_millis(300)).await;

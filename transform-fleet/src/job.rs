@@ -55,14 +55,15 @@ async fn replicas(
     pool: &BlockPool,
     volume: &VolumeId,
     addrs: &[String],
-) -> Result<ReplicatedVolume, ClientError> {
+    size: u64,
+) -> ReplicatedVolume {
     let clients = futures::future::join_all(
         addrs
             .iter()
             .map(|a| async move { (a.clone(), pool.get(a).await) }),
     )
     .await;
-    ReplicatedVolume::from_clients(volume.clone(), clients, REPLICA_TIMEOUT).await
+    ReplicatedVolume::from_clients(volume.clone(), clients, size, REPLICA_TIMEOUT)
 }
 
 pub struct Target {
@@ -167,9 +168,7 @@ impl JobContext {
                     None => None,
                 };
                 let addr = sv.replicas.join(",");
-                let client = replicas(pool, volume_id, &sv.replicas)
-                    .await
-                    .map_err(|e| block_error(&addr, &e))?;
+                let client = replicas(pool, volume_id, &sv.replicas, sv.size).await;
                 let source = Source::Volume {
                     volume: volume_id.clone(),
                     addr,
@@ -199,9 +198,7 @@ impl JobContext {
             None => None,
         };
         let addr = t.replicas.join(",");
-        let client = replicas(pool, &t.volume_id, &t.replicas)
-            .await
-            .map_err(|e| block_error(&addr, &e))?;
+        let client = replicas(pool, &t.volume_id, &t.replicas, t.size).await;
         Ok(Target {
             volume: t.volume_id.clone(),
             addr,

@@ -176,48 +176,34 @@ impl ReplicatedVolume {
         }
     }
 
-    /// A replica set over connections the caller holds (`Err`: that replica is out), each
-    /// taken to be in sync: for callers that read marks or hydrate, not for the volume's
-    /// writer (see [`ReplicatedVolume::open`]).
-    pub async fn from_clients(
+    /// A replica set of a volume of `size` bytes over connections the caller holds (`Err`:
+    /// that replica is out), each taken to be in sync: for callers that read marks or
+    /// hydrate, not for the volume's writer (see [`ReplicatedVolume::open`]).
+    pub fn from_clients(
         volume: VolumeId,
         clients: Vec<(String, Result<Arc<BlockClient>, ClientError>)>,
+        size: u64,
         timeout: Duration,
-    ) -> Result<Self, ClientError> {
-        let mut size = None;
-        let mut members = Vec::new();
-        for (addr, c) in clients {
-            let (client, health, reason) = match c {
-                Ok(c) => {
-                    if size.is_none() {
-                        match tokio::time::timeout(timeout, c.stat_volume(&volume)).await {
-                            Ok(Ok(s)) => size = Some(s.size),
-                            Ok(Err(e)) if !replica_fault(&e) => return Err(e),
-                            _ => {}
-                        }
-                    }
-                    (Some(c), Health::InSync, None)
+    ) -> Self {
+        let members = clients
+            .into_iter()
+            .map(|(addr, c)| {
+                let (client, health, reason) = match c {
+                    Ok(c) => (Some(c), Health::InSync, None),
+                    Err(e) => (None, Health::Out, Some(e.to_string())),
+                };
+                Member {
+                    addr,
+                    client,
+                    health,
+                    reason,
+                    repair_total: 0,
+                    repair_done: 0,
+                    retired: false,
                 }
-                Err(e) => (None, Health::Out, Some(e.to_string())),
-            };
-            members.push(Member {
-                addr,
-                client,
-                health,
-                reason,
-                repair_total: 0,
-                repair_done: 0,
-                retired: false,
-            });
-        }
-        let rv = ReplicatedVolume::new(volume, members, timeout, 0);
-        let Some(size) = size else {
-            return Err(rv.quorum_error(0, "no replica answered"));
-        };
-        Ok(ReplicatedVolume {
-            chunks: size.div_ceil(CHUNK),
-            ..rv
-        })
+            })
+            .collect();
+        ReplicatedVolume::new(volume, members, timeout, size.div_ceil(CHUNK))
     }
 
     /// Opens the volume as its writer: connects to every replica, and before anything is
@@ -231,8 +217,22 @@ impl ReplicatedVolume {
         timeout: Duration,
     ) -> Result<Self, ClientError> {
         let conns = join_all(addrs.iter().map(|a| connect(a, timeout))).await;
+        let mut size = None;
+        for c in conns.iter().flatten() {
+            match tokio::time::timeout(timeout, c.stat_volume(&volume)).await {
+                Ok(Ok(s)) => {
+                    size = Some(s.size);
+                    break;
+                }
+                Ok(Err(e)) if !replica_fault(&e) => return Err(e),
+                _ => {}
+            }
+        }
         let clients: Vec<_> = addrs.iter().cloned().zip(conns).collect();
-        let rv = Self::from_clients(volume, clients, timeout).await?;
+        let rv = Self::from_clients(volume, clients, size.unwrap_or(0), timeout);
+        if size.is_none() {
+            return Err(rv.quorum_error(0, "no replica answered"));
+        }
         let live: Vec<(usize, Arc<BlockClient>)> = rv
             .lock()
             .iter()

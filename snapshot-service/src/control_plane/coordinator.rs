@@ -64,7 +64,7 @@ impl ControlPlane {
     ) -> Result<(Vec<u64>, Duration), ApiError> {
         let mut sets: Vec<ReplicatedVolume> = Vec::new();
         for v in vols {
-            sets.push(self.replicas(&v.id, &v.placement).await?);
+            sets.push(self.replicas(&v.id, &v.placement, v.size).await);
         }
         let id = self.next_mark_id();
         let start = Instant::now();
@@ -190,12 +190,10 @@ impl ControlPlane {
     /// Lets the replicas drop a snapshot's mark (best effort: a restarted block server has
     /// dropped it already, and a pause's mark times out).
     async fn release_mark(&self, s: &SnapshotRecord) {
-        match self.replicas(&s.volume_id, &s.replicas).await {
-            Ok(r) => r.release_mark(s.mark).await,
-            Err(e) => {
-                tracing::warn!(volume = %s.volume_id, mark = s.mark, error = %e.message, "could not release a snapshot mark")
-            }
-        }
+        self.replicas(&s.volume_id, &s.replicas, s.volume_size)
+            .await
+            .release_mark(s.mark)
+            .await;
     }
 
     /// Reads one volume's changed chunks at its mark and stores the missing ones; returns the
@@ -207,9 +205,8 @@ impl ControlPlane {
     ) -> Result<(Manifest, u64, u64), String> {
         let fail = |what: String| format!("volume {}: {what}", s.volume_id);
         let client = Arc::new(
-            self.replicas(&s.volume_id, &s.replicas)
-                .await
-                .map_err(|e| fail(e.message))?,
+            self.replicas(&s.volume_id, &s.replicas, s.volume_size)
+                .await,
         );
         // Incremental from the base snapshot's map when its manifest is still there.
         let (base_mark, parent, mut chunks) = match &s.base {
@@ -344,9 +341,8 @@ impl ControlPlane {
     async fn flush_sources(&self, snaps: &[SnapshotRecord]) -> Result<(), String> {
         for s in snaps {
             let r = self
-                .replicas(&s.volume_id, &s.replicas)
-                .await
-                .map_err(|e| format!("volume {}: {}", s.volume_id, e.message))?;
+                .replicas(&s.volume_id, &s.replicas, s.volume_size)
+                .await;
             r.flush()
                 .await
                 .map_err(|e| format!("volume {}: flush: {e}", s.volume_id))?;

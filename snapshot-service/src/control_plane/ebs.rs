@@ -1015,7 +1015,14 @@ impl ControlPlane {
         };
         let mut last = "no transform worker is up".to_owned();
         for w in self.live_workers() {
-            let client = JsonClient::new(&w, std::time::Duration::from_secs(30));
+            // One client per worker, so blocks reuse its kept-alive connections.
+            let client = self
+                .worker_clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(w.clone())
+                .or_insert_with(|| JsonClient::new(&w, std::time::Duration::from_secs(30)))
+                .clone();
             match client
                 .post::<_, BlockTransformReply>("/v1/transform-block", &req)
                 .await

@@ -121,26 +121,27 @@ pub(crate) struct ControlPlane {
     ebs_locks: Mutex<HashMap<SnapshotId, Arc<tokio::sync::RwLock<()>>>>,
     /// The EBS block-token key, once loaded.
     ebs_token_key: std::sync::OnceLock<Vec<u8>>,
+    /// HTTP clients of transform workers, by endpoint (EBS block transforms).
+    worker_clients: Mutex<HashMap<String, blockfleet_core::httpjson::JsonClient>>,
     /// Recently read manifests, for EBS block reads.
     ebs_manifests: Mutex<HashMap<SnapshotId, Arc<blockfleet_core::snapshot::Manifest>>>,
 }
 
 impl ControlPlane {
-    /// The replicas of volume `id` as one volume, over the pool's connections.
+    /// The replicas of volume `id` (`size` bytes) as one volume, over the pool's connections.
     pub(crate) async fn replicas(
         &self,
         id: &VolumeId,
         placement: &[String],
-    ) -> Result<ReplicatedVolume, ApiError> {
+        size: u64,
+    ) -> ReplicatedVolume {
         let clients = futures::future::join_all(
             placement
                 .iter()
                 .map(|a| async move { (a.clone(), self.blocks.get(a).await) }),
         )
         .await;
-        ReplicatedVolume::from_clients(id.clone(), clients, REPLICA_TIMEOUT)
-            .await
-            .map_err(|e| replicas_error(&e))
+        ReplicatedVolume::from_clients(id.clone(), clients, size, REPLICA_TIMEOUT)
     }
 
     /// Drops pooled connections to replicas a call found out (they reconnect next time).
@@ -269,6 +270,7 @@ pub async fn run(
         ebs_locks: Mutex::new(HashMap::new()),
         ebs_token_key: std::sync::OnceLock::new(),
         ebs_manifests: Mutex::new(HashMap::new()),
+        worker_clients: Mutex::new(HashMap::new()),
     });
     if let Some(addr) = &cp.config.metrics_listen {
         let l = TcpListener::bind(addr)

@@ -267,7 +267,7 @@ impl ControlPlane {
                 Some((f, to)) if f == from => to.clone(),
                 _ => self.move_target(&v)?,
             };
-            let r = self.replicas(id, &v.placement).await?;
+            let r = self.replicas(id, &v.placement, v.size).await;
             let stat = r.stat().await.map_err(|e| replicas_error(&e))?;
             let c = self
                 .blocks

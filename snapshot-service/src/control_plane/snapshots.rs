@@ -216,9 +216,10 @@ impl ControlPlane {
         })();
         if let Err(e) = saved {
             for s in &records {
-                if let Ok(r) = self.replicas(&s.volume_id, &s.replicas).await {
-                    r.release_mark(s.mark).await;
-                }
+                self.replicas(&s.volume_id, &s.replicas, s.volume_size)
+                    .await
+                    .release_mark(s.mark)
+                    .await;
             }
             return Err(e.into());
         }

@@ -137,7 +137,7 @@ impl ControlPlane {
     /// Takes the cut a copy reproduces: pause, mark, resume on the source's replicas. The
     /// block servers keep the marked chunks aside as the user writes on.
     async fn mark_source(&self, src: &VolumeRecord) -> Result<u64, ApiError> {
-        let r = self.replicas(&src.id, &src.placement).await?;
+        let r = self.replicas(&src.id, &src.placement, src.size).await;
         let mark = r.take_mark(self.next_mark_id()).await;
         self.forget_out(&r);
         mark.map_err(|e| match e.code() {
@@ -169,15 +169,11 @@ impl ControlPlane {
         let Ok(Some(src)) = self.state.volume(volume_id) else {
             return;
         };
-        match self.replicas(volume_id, &src.placement).await {
-            Ok(r) => {
-                r.release_mark(*mark).await;
-                tracing::info!(volume = %volume_id, mark, "source mark released");
-            }
-            Err(e) => {
-                tracing::warn!(volume = %volume_id, mark, error = %e.message, "could not release the source mark")
-            }
-        }
+        self.replicas(volume_id, &src.placement, src.size)
+            .await
+            .release_mark(*mark)
+            .await;
+        tracing::info!(volume = %volume_id, mark, "source mark released");
     }
 
     pub(super) async fn create_volume(self: &Arc<Self>, body: &[u8]) -> Reply {
@@ -435,7 +431,7 @@ impl ControlPlane {
 
     async fn unhydrated(&self, v: &VolumeRecord) -> Option<u64> {
         let ask = async {
-            let r = self.replicas(&v.id, &v.placement).await.ok()?;
+            let r = self.replicas(&v.id, &v.placement, v.size).await;
             let stat = r.stat().await;
             self.forget_out(&r);
             stat.ok()
