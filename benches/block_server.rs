@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockfleet_block_server::{run, BlockServerConfig};
-use blockfleet_core::blockproto::BlockClient;
 use blockfleet_core::ids::VolumeId;
+use blockfleet_proto::BlockClient;
 use bytes::Bytes;
 
 const SIZE: u64 = 1 << 30;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use aes::cipher::KeyInit;
 use aes::Aes256;
-use blockfleet_core::crypto::{Xts, XtsKey, DATA_UNIT};
-use blockfleet_core::snapshot::ChunkHash;
+use blockfleet_keys::xts::{Xts, XtsKey, DATA_UNIT};
+use blockfleet_snapshot_format::ChunkHash;
 use openssl::cipher::Cipher;
 use openssl::cipher_ctx::CipherCtx;
 

@@ -12,7 +12,7 @@ use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ebs::types::ChecksumAlgorithm;
 use base64::Engine;
 use blockfleet_core::config::{LocalStoreConfig, Secret, StoreConfig};
-use blockfleet_core::store::{self, ObjectStore};
+use blockfleet_snapshot_format::store::{self, ObjectStore};
 use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};

@@ -20,13 +20,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockfleet::host_agent::AgentVolume;
-use blockfleet_core::api::{CreateVolumeRequest, HydrationState};
+use blockfleet_api::{CreateVolumeRequest, HydrationState};
 use blockfleet_core::config::{LocalStoreConfig, S3StoreConfig, Secret, StoreConfig};
 use blockfleet_core::ids::{InstanceId, SnapshotId, VolumeId};
-use blockfleet_core::snapshot::{Archive, ManifestKey};
-use blockfleet_core::store::{self, ObjectStore};
 use blockfleet_core::units::CHUNK;
+use blockfleet_host_agent::AgentVolume;
+use blockfleet_snapshot_format::store::{self, ObjectStore};
+use blockfleet_snapshot_format::{Archive, ManifestKey};
 use common::{Fleet, FleetOptions};
 use futures::StreamExt;
 

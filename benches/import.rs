@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use blockfleet_core::config::{S3StoreConfig, Secret, StoreConfig};
-use blockfleet_core::snapshot::{Archive, ManifestKey};
-use blockfleet_core::store::{self, LocalStore, ObjectStore};
+use blockfleet_snapshot_format::store::{self, LocalStore, ObjectStore};
+use blockfleet_snapshot_format::{Archive, ManifestKey};
 use blockfleet_snapshot_service::{
     export_image, import_image, ExportOptions, ImportOptions, NoProgress,
 };

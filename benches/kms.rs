@@ -3,11 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use blockfleet::kms_server;
 use blockfleet_core::config::{KmsClientConfig, KmsPrincipal, KmsRole, KmsServerConfig, Secret};
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
-use blockfleet_core::kms::cache::{CacheLimits, KeyCache};
-use blockfleet_core::kms::Kms;
+use blockfleet_keys::kms::cache::{CacheLimits, KeyCache};
+use blockfleet_keys::kms::Kms;
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -52,7 +51,11 @@ fn main() {
             .await
             .expect("bind");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(kms_server::run(config, listener, std::future::pending()));
+        tokio::spawn(blockfleet_kms_server::run(
+            config,
+            listener,
+            std::future::pending(),
+        ));
         let client = |name: &str| {
             let c = KmsClientConfig {
                 endpoint: Some(endpoint.clone()),

@@ -8,11 +8,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockfleet::host_agent::{self, AgentVolume};
 use blockfleet_block_server::{run, BlockServerConfig};
-use blockfleet_core::blockproto::{BlockClient, ReplicatedVolume};
-use blockfleet_core::crypto::{Xts, XtsKey};
 use blockfleet_core::ids::VolumeId;
+use blockfleet_host_agent::AgentVolume;
+use blockfleet_keys::xts::{Xts, XtsKey};
+use blockfleet_proto::BlockClient;
+use blockfleet_volume_client::ReplicatedVolume;
 
 const SIZE: u64 = 1 << 30;
 
@@ -174,7 +175,7 @@ fn main() {
             .await
             .expect("bind");
         let uri = format!("nbd://{}/{v}", nbd.local_addr().expect("addr"));
-        tokio::spawn(host_agent::run(vol, nbd, std::future::pending()));
+        tokio::spawn(blockfleet_host_agent::run(vol, nbd, std::future::pending()));
         let (image, out) = (image.clone(), dir.path().join("a.out"));
         tokio::task::spawn_blocking(move || measure(&uri, &image, &out))
             .await

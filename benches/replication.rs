@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockfleet_block_server::{run, BlockServerConfig};
-use blockfleet_core::blockproto::{BlockClient, ReplicatedVolume};
 use blockfleet_core::ids::VolumeId;
+use blockfleet_proto::BlockClient;
+use blockfleet_volume_client::ReplicatedVolume;
 use bytes::Bytes;
 
 #[path = "../tests/common/mod.rs"]

@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockfleet::host_agent::AgentVolume;
-use blockfleet_core::api::{CreateSnapshotsRequest, SnapshotSet, SnapshotState};
+use blockfleet_api::{CreateSnapshotsRequest, SnapshotSet, SnapshotState};
 use blockfleet_core::ids::{InstanceId, VolumeId};
 use blockfleet_core::units::CHUNK;
+use blockfleet_host_agent::AgentVolume;
 use common::{Fleet, FleetOptions};
 
 const UNIT: u64 = 4096;

@@ -120,7 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", c.listen))?;
             println!("blockfleet kms listening on {}", listener.local_addr()?);
-            blockfleet::kms_server::run(c, listener, shutdown_signal()).await?;
+            blockfleet_kms_server::run(c, listener, shutdown_signal()).await?;
             Ok(())
         }
         Command::BlockServer {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use blockfleet_core::api::{BlockServerView, ControlPlaneClient};
+use blockfleet_api::{BlockServerView, ControlPlaneClient};
 
 use crate::cli::{Output, ServerCommand};
 use crate::output::emit;

@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use blockfleet_core::api::ControlPlaneClient;
+use blockfleet_api::ControlPlaneClient;
 use blockfleet_core::config::Config;
 use blockfleet_core::ids::VolumeId;
-use blockfleet_core::kms::manifest_key::open_archive;
+use blockfleet_snapshot_format::manifest_key::open_archive;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -102,7 +102,7 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
     let kc = config.kms_server.clone();
     let s = stopped();
     tasks.spawn(async move {
-        blockfleet::kms_server::run(kc, kms_listener, s)
+        blockfleet_kms_server::run(kc, kms_listener, s)
             .await
             .map_err(anyhow::Error::from)
     });
@@ -205,10 +205,10 @@ pub async fn attach(
     let xts = match &target.wrapped_key {
         Some(hex_key) => {
             let wrapped = hex::decode(hex_key).context("the wrapped key is not hex")?;
-            let kms = blockfleet_core::kms::Kms::connect(&config.kms).await;
+            let kms = blockfleet_keys::kms::Kms::connect(&config.kms).await;
             // Through the key cache, as every key user: the plaintext key exists only as the
             // cipher it holds, zeroized when the last user drops it.
-            let cache = blockfleet_core::kms::cache::KeyCache::new(Default::default());
+            let cache = blockfleet_keys::kms::cache::KeyCache::new(Default::default());
             let xts = cache
                 .get(&wrapped, volume, || kms.decrypt_key(&wrapped, volume))
                 .await
@@ -220,7 +220,7 @@ pub async fn attach(
         None => None,
     };
     let replicas = Arc::new(
-        blockfleet_core::blockproto::ReplicatedVolume::open(
+        blockfleet_volume_client::ReplicatedVolume::open(
             volume.clone(),
             &target.replicas,
             target.replica_timeout,
@@ -233,12 +233,10 @@ pub async fn attach(
     let _follow = target
         .control_plane
         .clone()
-        .map(|cp| blockfleet::host_agent::follow_placement(cp, &replicas, FOLLOW_EVERY));
-    let fetcher =
-        (!target.fetch_endpoints.is_empty() || target.control_plane.is_some()).then(|| {
-            blockfleet::host_agent::Fetcher::new(target.fetch_endpoints, target.control_plane)
-        });
-    let vol = blockfleet::host_agent::AgentVolume::open(replicas, xts, fetcher);
+        .map(|cp| blockfleet_host_agent::follow_placement(cp, &replicas, FOLLOW_EVERY));
+    let fetcher = (!target.fetch_endpoints.is_empty() || target.control_plane.is_some())
+        .then(|| blockfleet_host_agent::Fetcher::new(target.fetch_endpoints, target.control_plane));
+    let vol = blockfleet_host_agent::AgentVolume::open(replicas, xts, fetcher);
     let listener = bind(listen).await?;
     let vol = Arc::new(vol);
     if let Some(addr) = metrics_listen {
@@ -253,6 +251,6 @@ pub async fn attach(
         "blockfleet attach listening on {} (export {volume})",
         listener.local_addr()?
     );
-    blockfleet::host_agent::run(vol, listener, shutdown_signal()).await;
+    blockfleet_host_agent::run(vol, listener, shutdown_signal()).await;
     Ok(())
 }

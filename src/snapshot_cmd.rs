@@ -2,14 +2,14 @@
 //! `snapshot create|set|rm|diff` (through the control plane).
 
 use anyhow::{bail, Context};
-use blockfleet_core::api::{
+use blockfleet_api::{
     ControlPlaneClient, CreateSnapshotsRequest, ListChangedBlocksRequest, SnapshotSet,
     SnapshotState,
 };
 use blockfleet_core::config::Config;
 use blockfleet_core::ids::SnapshotId;
-use blockfleet_core::snapshot::{Archive, Manifest};
 use blockfleet_core::units::CHUNK;
+use blockfleet_snapshot_format::{Archive, Manifest};
 use blockfleet_snapshot_service::{
     export_image, import_image, ExportOptions, ImportOptions, Progress,
 };
@@ -21,7 +21,7 @@ use crate::output::{emit, mb_per_s, Bar};
 /// Opens the configured store (proving it answers) and the manifest key: from the KMS when
 /// `snapshot.manifest_key_kms_key_id` is set, else from the key file.
 pub async fn open_archive(config: &Config) -> anyhow::Result<Archive> {
-    Ok(blockfleet_core::kms::manifest_key::open_archive(
+    Ok(blockfleet_snapshot_format::manifest_key::open_archive(
         &config.store,
         &config.snapshot,
         &config.kms,

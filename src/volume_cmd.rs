@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use blockfleet_core::api::{
+use blockfleet_api::{
     AttachVolumeRequest, ControlPlaneClient, CreateVolumeRequest, HydrationState, Volume,
 };
 use blockfleet_core::ids::VolumeId;

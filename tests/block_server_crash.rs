@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use blockfleet_core::blockproto::BlockClient;
 use blockfleet_core::ids::VolumeId;
+use blockfleet_proto::BlockClient;
 use bytes::Bytes;
 use common::Proc;
 

@@ -14,7 +14,7 @@ use aws_sdk_ebs::error::ProvideErrorMetadata;
 use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm, Tag};
 use base64::Engine;
-use blockfleet_core::api::{CreateVolumeRequest, HydrationState};
+use blockfleet_api::{CreateVolumeRequest, HydrationState};
 use blockfleet_core::config::Secret;
 use common::{Fleet, FleetOptions};
 use sha2::{Digest, Sha256};
@@ -274,7 +274,7 @@ async fn upload_restore_download_and_incremental_through_the_aws_sdk() {
 
     // Ordinary snapshots: listed by DescribeSnapshots, deleted and collected the same way.
     let listed =
-        f.cp.describe_snapshots(&blockfleet_core::api::DescribeSnapshotsRequest {
+        f.cp.describe_snapshots(&blockfleet_api::DescribeSnapshotsRequest {
             snapshot_ids: vec![first.parse().unwrap(), second.parse().unwrap()],
             ..Default::default()
         })
@@ -282,7 +282,7 @@ async fn upload_restore_download_and_incremental_through_the_aws_sdk() {
         .unwrap();
     assert_eq!(listed.len(), 2);
     assert!(listed.iter().all(|s| s.volume_id.is_none()
-        && s.state == blockfleet_core::api::SnapshotState::Completed
+        && s.state == blockfleet_api::SnapshotState::Completed
         && s.volume_size == 1 << 30));
     f.cp.delete_snapshot(&first.parse().unwrap()).await.unwrap();
     let e = c
@@ -404,16 +404,13 @@ async fn bad_input_gets_the_aws_error_and_stores_nothing() {
     put(&c, &id, 0, &data).await.unwrap();
     // Pending, with the one block put so far, in DescribeSnapshots.
     let pending =
-        f.cp.describe_snapshots(&blockfleet_core::api::DescribeSnapshotsRequest {
+        f.cp.describe_snapshots(&blockfleet_api::DescribeSnapshotsRequest {
             snapshot_ids: vec![id.parse().unwrap()],
             ..Default::default()
         })
         .await
         .unwrap();
-    assert_eq!(
-        pending[0].state,
-        blockfleet_core::api::SnapshotState::Pending
-    );
+    assert_eq!(pending[0].state, blockfleet_api::SnapshotState::Pending);
     assert_eq!(pending[0].done_chunks, 1);
 
     // Wrong count, wrong aggregate checksum: refused, the snapshot stays pending.

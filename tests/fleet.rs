@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blockfleet_core::api::{HydrationState, Volume};
-use blockfleet_core::crypto::Xts;
+use blockfleet_api::{HydrationState, Volume};
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
-use blockfleet_core::snapshot::{
+use blockfleet_core::units::{CHUNK, SECTORS_PER_CHUNK};
+use blockfleet_keys::xts::Xts;
+use blockfleet_snapshot_format::{
     manifest::CIPHER_XTS_4K, Archive, ChunkHash, EncryptionHeader, Manifest, ManifestKey,
 };
-use blockfleet_core::units::{CHUNK, SECTORS_PER_CHUNK};
 use common::{spawn, Fleet, FleetOptions, Proc};
 use sha2::{Digest, Sha256};
 
@@ -195,11 +195,11 @@ async fn snapshot_to_four_encrypted_volumes_reencryption_and_bad_input() {
     let src = VolumeId::generate();
     let wrapped = cp_kms.generate_wrapped_key(&key, &src).await.unwrap();
     let src_xts = Xts::new(&tf_kms.decrypt_key(&wrapped, &src).await.unwrap());
-    let store = blockfleet_core::store::open(&blockfleet_core::config::StoreConfig::Local(
-        blockfleet_core::config::LocalStoreConfig {
+    let store = blockfleet_snapshot_format::store::open(
+        &blockfleet_core::config::StoreConfig::Local(blockfleet_core::config::LocalStoreConfig {
             path: f.dir.path().join("objects"),
-        },
-    ))
+        }),
+    )
     .await
     .unwrap();
     let mkey = ManifestKey::load_or_create(&f.dir.path().join("manifest.key")).unwrap();
@@ -503,7 +503,7 @@ async fn volume_copied_from_a_volume_at_the_moment_asked() {
         "smaller than the source volume's",
     );
     let both =
-        f.cp.create_volume(&blockfleet_core::api::CreateVolumeRequest {
+        f.cp.create_volume(&blockfleet_api::CreateVolumeRequest {
             snapshot_id: Some(snap.parse().unwrap()),
             source_volume_id: Some(a.clone()),
             ..Default::default()

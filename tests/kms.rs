@@ -6,10 +6,9 @@
 
 mod common;
 
-use blockfleet::kms_server;
 use blockfleet_core::config::{KmsClientConfig, KmsPrincipal, KmsRole, KmsServerConfig, Secret};
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
-use blockfleet_core::kms::Kms;
+use blockfleet_keys::kms::Kms;
 
 struct Fleet {
     endpoint: String,
@@ -53,7 +52,7 @@ async fn start() -> Fleet {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(kms_server::run(config, listener, async {
+    tokio::spawn(blockfleet_kms_server::run(config, listener, async {
         let _ = rx.await;
     }));
     Fleet {
@@ -209,9 +208,9 @@ async fn policy_grants_and_tampering_through_aws_sdk_kms() {
 /// transform fleet can unwrap it, and the coordinator can unwrap nothing else.
 #[tokio::test]
 async fn manifest_key_held_by_the_kms() {
-    use blockfleet_core::kms::manifest_key::{load_or_create, WRAPPED_MANIFEST_KEY};
-    use blockfleet_core::snapshot::Manifest;
-    use blockfleet_core::store::{LocalStore, ObjectStore};
+    use blockfleet_snapshot_format::manifest_key::{load_or_create, WRAPPED_MANIFEST_KEY};
+    use blockfleet_snapshot_format::store::{LocalStore, ObjectStore};
+    use blockfleet_snapshot_format::Manifest;
 
     let f = start().await;
     let cp = client(&f, "control-plane", &secret("control-plane")).await;
@@ -416,7 +415,7 @@ async fn attach_needs_a_grant_and_serves_nbd() {
     ]);
     let bs_addr = bs.addr.clone();
     let v = VolumeId::generate();
-    let bc = blockfleet_core::blockproto::BlockClient::connect(&bs_addr)
+    let bc = blockfleet_proto::BlockClient::connect(&bs_addr)
         .await
         .unwrap();
     bc.create_volume(&v, 4 << 20, false).await.unwrap();

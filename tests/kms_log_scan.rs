@@ -8,10 +8,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use blockfleet::kms_server;
 use blockfleet_core::config::{KmsClientConfig, KmsPrincipal, KmsRole, KmsServerConfig, Secret};
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
-use blockfleet_core::kms::Kms;
+use blockfleet_keys::kms::Kms;
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -68,7 +67,11 @@ async fn no_plaintext_key_byte_in_any_log_line_or_error() {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(kms_server::run(config, listener, std::future::pending()));
+    tokio::spawn(blockfleet_kms_server::run(
+        config,
+        listener,
+        std::future::pending(),
+    ));
 
     let (cp, tf, host) = (
         client(&endpoint, "cp").await,

@@ -6,7 +6,7 @@
 
 use blockfleet_core::config::{KmsClientConfig, Secret};
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
-use blockfleet_core::kms::Kms;
+use blockfleet_keys::kms::Kms;
 use blockfleet_testkit::Moto;
 
 #[tokio::test]

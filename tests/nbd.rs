@@ -7,11 +7,12 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::sync::Arc;
 
-use blockfleet::host_agent::{self, AgentVolume};
 use blockfleet_block_server::BlockServerConfig;
-use blockfleet_core::blockproto::{BlockClient, ReplicatedVolume};
-use blockfleet_core::crypto::{Xts, XtsKey};
 use blockfleet_core::ids::VolumeId;
+use blockfleet_host_agent::AgentVolume;
+use blockfleet_keys::xts::{Xts, XtsKey};
+use blockfleet_proto::BlockClient;
+use blockfleet_volume_client::ReplicatedVolume;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -71,9 +72,13 @@ async fn start_agent(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let uri = format!("nbd://{}/{}", listener.local_addr().unwrap(), volume);
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(host_agent::run(Arc::clone(&vol), listener, async {
-        let _ = rx.await;
-    }));
+    let task = tokio::spawn(blockfleet_host_agent::run(
+        Arc::clone(&vol),
+        listener,
+        async {
+            let _ = rx.await;
+        },
+    ));
     (uri, tx, task, vol)
 }
 

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use blockfleet::host_agent::AgentVolume;
-use blockfleet_core::blockproto::{BlockClient, ClientError, Health};
 use blockfleet_core::ids::InstanceId;
+use blockfleet_host_agent::AgentVolume;
+use blockfleet_proto::{BlockClient, ClientError};
+use blockfleet_volume_client::Health;
 use common::{Fleet, FleetOptions};
 
 const SIZE: u64 = 32 << 20;
@@ -113,7 +114,7 @@ async fn open_volume(f: &Fleet) -> (Arc<AgentVolume>, String) {
 /// host agent's data path.
 async fn open_volume_on(f: &Fleet, servers: usize) -> (Arc<AgentVolume>, String) {
     let v =
-        f.cp.create_volume(&blockfleet_core::api::CreateVolumeRequest {
+        f.cp.create_volume(&blockfleet_api::CreateVolumeRequest {
             size: Some(SIZE),
             encrypted: true,
             ..Default::default()
@@ -336,7 +337,7 @@ async fn drain_moves_replicas_under_load() {
         ..Default::default()
     });
     let (agent, volume) = open_volume_on(&f, 3).await;
-    let _follow = blockfleet::host_agent::follow_placement(
+    let _follow = blockfleet_host_agent::follow_placement(
         f.cp.clone(),
         agent.replicas(),
         Duration::from_millis(200),
@@ -372,7 +373,7 @@ async fn drain_moves_replicas_under_load() {
     wait_in_sync(&agent, Duration::from_secs(30)).await;
     check_replicas_on(&f, &agent, &volume, &model, &[1, 2, 3]).await;
     let ls = f.ok(&["-o", "json", "server", "ls"]);
-    let servers: Vec<blockfleet_core::api::BlockServerView> = serde_json::from_str(&ls).unwrap();
+    let servers: Vec<blockfleet_api::BlockServerView> = serde_json::from_str(&ls).unwrap();
     let s0 = servers.iter().find(|s| s.address == drained).unwrap();
     assert!(s0.draining && s0.volumes.is_empty(), "{s0:?}");
     let s3 = servers

@@ -12,15 +12,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockfleet::host_agent::AgentVolume;
-use blockfleet_core::api::{
+use blockfleet_api::{
     CreateSnapshotsRequest, CreateVolumeRequest, HydrationState, SnapshotSet, SnapshotState,
 };
-use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::{InstanceId, SnapshotId, VolumeId};
-use blockfleet_core::kms::Kms;
-use blockfleet_core::snapshot::{Archive, ManifestKey};
 use blockfleet_core::units::CHUNK;
+use blockfleet_host_agent::AgentVolume;
+use blockfleet_keys::kms::Kms;
+use blockfleet_keys::xts::Xts;
+use blockfleet_snapshot_format::{Archive, ManifestKey};
 use common::{Fleet, FleetOptions};
 
 const UNIT: u64 = 4096;
@@ -28,11 +28,11 @@ const VOLUME: u64 = 32 << 20;
 const MAGIC: u64 = 0xb10c_f1ee_7c0f_fee5;
 
 async fn archive(f: &Fleet) -> Archive {
-    let store = blockfleet_core::store::open(&blockfleet_core::config::StoreConfig::Local(
-        blockfleet_core::config::LocalStoreConfig {
+    let store = blockfleet_snapshot_format::store::open(
+        &blockfleet_core::config::StoreConfig::Local(blockfleet_core::config::LocalStoreConfig {
             path: f.dir.path().join("objects"),
-        },
-    ))
+        }),
+    )
     .await
     .unwrap();
     let key = ManifestKey::load_or_create(&f.dir.path().join("manifest.key")).unwrap();
@@ -311,7 +311,7 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
     let s_a = &sets[10].snapshots[1];
     let s_b = &sets[40].snapshots[1];
     let d =
-        f.cp.list_changed_blocks(&blockfleet_core::api::ListChangedBlocksRequest {
+        f.cp.list_changed_blocks(&blockfleet_api::ListChangedBlocksRequest {
             first_snapshot_id: Some(s_a.snapshot_id.clone()),
             second_snapshot_id: s_b.snapshot_id.clone(),
         })
@@ -349,7 +349,7 @@ async fn crash_consistent_incremental_sets_under_dependent_writes() {
 /// Every snapshot of `set` restores to its volume as the agent reads it now.
 async fn assert_set_is_volumes(
     set: &SnapshotSet,
-    vols: &[blockfleet_core::api::Volume],
+    vols: &[blockfleet_api::Volume],
     agents: &[Arc<AgentVolume>],
     archive: &Archive,
     kms: &Kms,
@@ -370,7 +370,7 @@ async fn wait_all_in_sync(agents: &[Arc<AgentVolume>]) {
         a.replicas()
             .status()
             .iter()
-            .all(|r| r.health == blockfleet_core::blockproto::Health::InSync)
+            .all(|r| r.health == blockfleet_volume_client::Health::InSync)
     }) {
         assert!(
             start.elapsed() < Duration::from_secs(60),
@@ -579,7 +579,7 @@ async fn create_snapshots_bad_input_changes_nothing() {
     );
     // Filters, and the CLI's other views of the set.
     let by_volume =
-        f.cp.describe_snapshots(&blockfleet_core::api::DescribeSnapshotsRequest {
+        f.cp.describe_snapshots(&blockfleet_api::DescribeSnapshotsRequest {
             volume_id: Some(vols[1].volume_id.clone()),
             ..Default::default()
         })
@@ -588,7 +588,7 @@ async fn create_snapshots_bad_input_changes_nothing() {
     assert_eq!(by_volume.len(), 1);
     assert_eq!(by_volume[0].volume_id.as_ref(), Some(&vols[1].volume_id));
     let pending =
-        f.cp.describe_snapshots(&blockfleet_core::api::DescribeSnapshotsRequest {
+        f.cp.describe_snapshots(&blockfleet_api::DescribeSnapshotsRequest {
             set_id: Some(set.set_id.clone()),
             state: Some(SnapshotState::Pending),
             ..Default::default()
@@ -599,7 +599,7 @@ async fn create_snapshots_bad_input_changes_nothing() {
     let shown: SnapshotSet =
         serde_json::from_str(&f.ok(&["-o", "json", "snapshot", "set", &set.set_id])).unwrap();
     assert_eq!(shown.set_id, set.set_id);
-    let diff: blockfleet_core::api::ChangedBlocks = serde_json::from_str(&f.ok(&[
+    let diff: blockfleet_api::ChangedBlocks = serde_json::from_str(&f.ok(&[
         "-o",
         "json",
         "snapshot",

@@ -7,8 +7,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockfleet_core::blockproto::Request;
 use blockfleet_core::metrics::{counter, gauge, OpMetrics};
+use blockfleet_proto::Request;
 use tokio::net::TcpListener;
 
 use crate::store::Store;

@@ -10,10 +10,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockfleet_core::blockproto::wire::{
+use blockfleet_proto::wire::{
     check_frame_len, decode_hello, encode_hello, encode_response, DecodeError,
 };
-use blockfleet_core::blockproto::{ErrorCode, Request, PROTOCOL_VERSION};
+use blockfleet_proto::{ErrorCode, Request, PROTOCOL_VERSION};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use blockfleet_core::blockproto::{ErrorCode, Request, Response};
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::units::CHUNK;
+use blockfleet_proto::{ErrorCode, Request, Response};
 
 use crate::config::BlockServerConfig;
 use crate::meta::{Meta, MetaError, VolumeRecord};

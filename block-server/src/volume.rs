@@ -25,12 +25,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use blockfleet_core::blockproto::wire::{MAX_CHUNK_LIST, MAX_IO};
-use blockfleet_core::blockproto::{ChunkInfo, ErrorCode, VolumeStat};
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::units::{
     check_range, chunk_count, chunks_covering, CHUNK, SECTOR, SECTORS_PER_CHUNK,
 };
+use blockfleet_proto::wire::{MAX_CHUNK_LIST, MAX_IO};
+use blockfleet_proto::{ChunkInfo, ErrorCode, VolumeStat};
 use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};

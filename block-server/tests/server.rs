@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockfleet_block_server::{run, BlockServerConfig, Store};
-use blockfleet_core::blockproto::{BlockClient, ErrorCode, Request, Response};
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::units::{CHUNK, SECTOR};
+use blockfleet_proto::{BlockClient, ErrorCode, Request, Response};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -100,8 +100,7 @@ async fn read_write_flush_and_bad_input() {
         (4 * CHUNK, false, 0)
     );
 
-    let bad =
-        |r: Result<(), blockfleet_core::blockproto::ClientError>| r.unwrap_err().code().unwrap();
+    let bad = |r: Result<(), blockfleet_proto::ClientError>| r.unwrap_err().code().unwrap();
     let junk = Bytes::from(vec![0x55u8; SECTOR as usize]);
     assert_eq!(
         bad(c.write(&v, 3 * SECTOR + 512, junk.clone(), false).await),
@@ -638,11 +637,9 @@ async fn random_bytes_do_not_disturb_the_server() {
             })
             .collect()
     };
-    let hello = blockfleet_core::blockproto::wire::encode_hello(
-        blockfleet_core::blockproto::PROTOCOL_VERSION,
-    );
+    let hello = blockfleet_proto::wire::encode_hello(blockfleet_proto::PROTOCOL_VERSION);
     let mut cases: Vec<Vec<u8>> = (0..30).map(|i| rnd(1 + i * 37)).collect();
-    cases.push(blockfleet_core::blockproto::wire::encode_hello(99).to_vec()); // wrong version
+    cases.push(blockfleet_proto::wire::encode_hello(99).to_vec()); // wrong version
     cases.push(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec());
     cases.push([hello.to_vec(), vec![0xff, 0xff, 0xff, 0x7f]].concat()); // oversized frame
     for i in 0..30 {
@@ -671,7 +668,7 @@ async fn random_bytes_do_not_disturb_the_server() {
     let len = raw.read_u32_le().await.unwrap() as usize;
     let mut body = vec![0u8; len];
     raw.read_exact(&mut body).await.unwrap();
-    let (id, result) = blockfleet_core::blockproto::wire::decode_response(&body).unwrap();
+    let (id, result) = blockfleet_proto::wire::decode_response(&body).unwrap();
     assert_eq!(id, 77);
     assert_eq!(result.unwrap_err().0, ErrorCode::UnknownOpcode);
 
@@ -767,7 +764,7 @@ async fn versions_reset_put_chunk_and_mark_ids() {
     assert_eq!(&data[..SECTOR as usize], &pattern(0, 1)[..]);
 
     // PutChunk: as another replica has it; with `expect`, only at that version.
-    let theirs = blockfleet_core::blockproto::ChunkInfo {
+    let theirs = blockfleet_proto::ChunkInfo {
         hydrated: true,
         user_written: 0,
         generation: 9,

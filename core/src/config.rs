@@ -232,8 +232,8 @@ impl S3StoreConfig {
             ));
         }
         if !self.prefix.is_empty() {
-            crate::store::validate_prefix(&format!("{}/", self.prefix.trim_end_matches('/')))
-                .map_err(|e| invalid("store.prefix", e.to_string()))?;
+            crate::object_key::check_prefix(&format!("{}/", self.prefix.trim_end_matches('/')))
+                .map_err(|e| invalid("store.prefix", e))?;
         }
         if self.access_key_id.is_some() != self.secret_access_key.is_some() {
             return Err(invalid(

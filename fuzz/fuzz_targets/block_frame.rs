@@ -2,7 +2,7 @@
 //! decodes re-encodes to the same body.
 #![no_main]
 
-use blockfleet_core::blockproto::wire::{decode_hello, decode_response, Request};
+use blockfleet_proto::wire::{decode_hello, decode_response, Request};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 #![no_main]
 
 use blockfleet_core::ids::SnapshotId;
-use blockfleet_core::snapshot::{Manifest, ManifestKey};
+use blockfleet_snapshot_format::{Manifest, ManifestKey};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

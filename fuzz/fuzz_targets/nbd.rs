@@ -2,7 +2,7 @@
 //! name lies inside the input.
 #![no_main]
 
-use blockfleet_core::nbd::{parse_info_request, RequestHeader};
+use blockfleet_nbd::{parse_info_request, RequestHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use blockfleet_core::fsutil::{sync_dir, temp_sibling};
 use blockfleet_core::ids::SnapshotId;
-use blockfleet_core::snapshot::chunk::is_zero;
-use blockfleet_core::snapshot::{Archive, ChunkHash, Manifest, SnapshotError};
 use blockfleet_core::units::{check_volume_size, chunk_count, UnitError, CHUNK};
+use blockfleet_snapshot_format::chunk::is_zero;
+use blockfleet_snapshot_format::{Archive, ChunkHash, Manifest, SnapshotError};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use thiserror::Error;

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use blockfleet_core::api::{Attachment, HydrationState, JobSource, SnapshotState, VolumeState};
+use blockfleet_api::{Attachment, HydrationState, JobSource, SnapshotState, VolumeState};
 use blockfleet_core::ids::{InstanceId, SnapshotId, VolumeId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

@@ -12,15 +12,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockfleet::host_agent::{AgentVolume, Fetcher};
-use blockfleet_core::api::{AttachVolumeRequest, ControlPlaneClient, CreateVolumeRequest, Volume};
-use blockfleet_core::blockproto::ReplicatedVolume;
+use blockfleet_api::{AttachVolumeRequest, ControlPlaneClient, CreateVolumeRequest, Volume};
 use blockfleet_core::config::{KmsClientConfig, Secret};
-use blockfleet_core::crypto::Xts;
 use blockfleet_core::ids::InstanceId;
 use blockfleet_core::ids::VolumeId;
-use blockfleet_core::kms::Kms;
+use blockfleet_host_agent::{AgentVolume, Fetcher};
+use blockfleet_keys::kms::Kms;
+use blockfleet_keys::xts::Xts;
 use blockfleet_testkit::free_port;
+use blockfleet_volume_client::ReplicatedVolume;
 
 pub struct Proc {
     pub child: Child,

@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use blockfleet_core::api::{Job, JobSource, JobTarget};
-use blockfleet_core::blockproto::{BlockPool, ClientError, ErrorCode, ReplicatedVolume};
-use blockfleet_core::crypto::Xts;
+use blockfleet_api::{Job, JobSource, JobTarget};
 use blockfleet_core::ids::VolumeId;
-use blockfleet_core::kms::{Kms, KmsError};
-use blockfleet_core::snapshot::{Archive, Manifest, SnapshotError};
 use blockfleet_core::units::{chunk_count, SECTORS_PER_CHUNK};
+use blockfleet_keys::kms::{Kms, KmsError};
+use blockfleet_keys::xts::Xts;
+use blockfleet_proto::{BlockPool, ClientError, ErrorCode};
+use blockfleet_snapshot_format::{Archive, Manifest, SnapshotError};
+use blockfleet_volume_client::ReplicatedVolume;
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 

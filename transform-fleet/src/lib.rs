@@ -22,17 +22,17 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use blockfleet_core::api::{
+use blockfleet_api::{
     BlockTransformReply, BlockTransformRequest, ClaimJobRequest, ControlPlaneClient, FetchReply,
     FetchRequest, Job, JobOutcome, JobReport,
 };
-use blockfleet_core::blockproto::BlockPool;
 use blockfleet_core::config::Config;
 use blockfleet_core::httpjson::{self, ApiError, Reply};
 use blockfleet_core::ids::VolumeId;
-use blockfleet_core::kms::Kms;
-use blockfleet_core::snapshot::Archive;
 use blockfleet_core::units::CHUNK;
+use blockfleet_keys::kms::Kms;
+use blockfleet_proto::BlockPool;
+use blockfleet_snapshot_format::Archive;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use thiserror::Error;
@@ -46,7 +46,7 @@ pub enum TransformError {
     #[error("transform: {0}")]
     Config(String),
     #[error("transform: {0}")]
-    Archive(#[from] blockfleet_core::kms::manifest_key::OpenArchiveError),
+    Archive(#[from] blockfleet_snapshot_format::manifest_key::OpenArchiveError),
     #[error("transform: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -92,7 +92,7 @@ pub struct Worker {
     /// Loaded jobs by target volume (background jobs and on-demand fetches share them).
     contexts: Mutex<HashMap<VolumeId, Arc<JobContext>>>,
     /// Data keys for block transforms (EBS direct APIs), zeroized when evicted.
-    keys: blockfleet_core::kms::cache::KeyCache,
+    keys: blockfleet_keys::kms::cache::KeyCache,
     pacer: Pacer,
     concurrency: usize,
     poll: Duration,
@@ -320,7 +320,7 @@ impl Worker {
             })
             .await
             .map_err(|e| match e {
-                blockfleet_core::kms::KmsError::Unreachable(_) => {
+                blockfleet_keys::kms::KmsError::Unreachable(_) => {
                     ApiError::unavailable("KmsUnavailable", e.to_string())
                 }
                 _ => ApiError::new(403, "KeyUnavailable", e.to_string()),
@@ -361,7 +361,7 @@ pub async fn run(
     tc.validate()
         .map_err(|e| TransformError::Config(e.to_string()))?;
     let kms_config = tc.kms.clone().unwrap_or_else(|| config.kms.clone());
-    let archive = blockfleet_core::kms::manifest_key::open_archive(
+    let archive = blockfleet_snapshot_format::manifest_key::open_archive(
         &config.store,
         &config.snapshot,
         &kms_config,
@@ -377,7 +377,7 @@ pub async fn run(
         pool: BlockPool::new(),
         metrics: Arc::new(Metrics::default()),
         contexts: Mutex::new(HashMap::new()),
-        keys: blockfleet_core::kms::cache::KeyCache::new(Default::default()),
+        keys: blockfleet_keys::kms::cache::KeyCache::new(Default::default()),
         pacer: Pacer::new(tc.background_mib_per_sec),
         concurrency: tc.concurrency,
         poll: Duration::from_millis(tc.poll_ms),

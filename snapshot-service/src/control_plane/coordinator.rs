@@ -22,12 +22,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockfleet_core::api::SnapshotState;
-use blockfleet_core::blockproto::{ClientError, ErrorCode, ReplicatedVolume};
+use blockfleet_api::SnapshotState;
 use blockfleet_core::httpjson::ApiError;
 use blockfleet_core::ids::SnapshotId;
-use blockfleet_core::snapshot::manifest::CIPHER_XTS_4K;
-use blockfleet_core::snapshot::{ChunkHash, EncryptionHeader, Manifest, SnapshotError};
+use blockfleet_proto::{ClientError, ErrorCode};
+use blockfleet_snapshot_format::manifest::CIPHER_XTS_4K;
+use blockfleet_snapshot_format::{ChunkHash, EncryptionHeader, Manifest, SnapshotError};
+use blockfleet_volume_client::ReplicatedVolume;
 use futures::StreamExt;
 
 use super::{replicas_error, ControlPlane};

@@ -20,16 +20,16 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::Engine;
-use blockfleet_core::api::{BlockTransformReply, BlockTransformRequest, SnapshotState};
+use blockfleet_api::{BlockTransformReply, BlockTransformRequest, SnapshotState};
 use blockfleet_core::httpjson::JsonClient;
 use blockfleet_core::ids::SnapshotId;
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
-use blockfleet_core::kms::KmsError;
 use blockfleet_core::sigv4::{self, SigV4Error};
-use blockfleet_core::snapshot::manifest::CIPHER_XTS_4K;
-use blockfleet_core::snapshot::EncryptionHeader;
-use blockfleet_core::snapshot::{ChunkHash, Manifest, SnapshotError};
 use blockfleet_core::units::CHUNK;
+use blockfleet_keys::kms::KmsError;
+use blockfleet_snapshot_format::manifest::CIPHER_XTS_4K;
+use blockfleet_snapshot_format::EncryptionHeader;
+use blockfleet_snapshot_format::{ChunkHash, Manifest, SnapshotError};
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full, Limited};
@@ -402,7 +402,7 @@ impl ControlPlane {
         }
         let tags: Vec<(String, String)> = req.tags.into_iter().map(|t| (t.key, t.value)).collect();
         let map: BTreeMap<String, String> = tags.iter().cloned().collect();
-        blockfleet_core::api::validate_tags(&map).map_err(|m| invalid("INVALID_TAG", m))?;
+        blockfleet_api::validate_tags(&map).map_err(|m| invalid("INVALID_TAG", m))?;
         let (parent, parent_key) = match &req.parent_snapshot_id {
             Some(p) => {
                 let p = snapshot_id(p)?;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use blockfleet_core::api::{
+use blockfleet_api::{
     AttachInfo, ClaimJobRequest, HydrationState, Job, JobOutcome, JobReport, JobSource, JobTarget,
     SourceVolume, VolumeIdRequest,
 };

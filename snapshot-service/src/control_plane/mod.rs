@@ -28,14 +28,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use blockfleet_core::api::ReplicaReport;
-use blockfleet_core::blockproto::{BlockPool, ClientError, Health, ReplicatedVolume};
+use blockfleet_api::ReplicaReport;
 use blockfleet_core::config::{ControlPlaneConfig, KmsClientConfig};
 use blockfleet_core::httpjson::{self, ApiError, Reply};
 use blockfleet_core::ids::{SnapshotId, VolumeId};
-use blockfleet_core::kms::{Kms, KmsError};
 use blockfleet_core::metrics::OpMetrics;
-use blockfleet_core::snapshot::{Archive, ChunkHash};
+use blockfleet_keys::kms::{Kms, KmsError};
+use blockfleet_proto::{BlockPool, ClientError};
+use blockfleet_snapshot_format::{Archive, ChunkHash};
+use blockfleet_volume_client::{Health, ReplicatedVolume};
 use bytes::Bytes;
 use hyper::Method;
 use thiserror::Error;
@@ -124,7 +125,7 @@ pub(crate) struct ControlPlane {
     /// HTTP clients of transform workers, by endpoint (EBS block transforms).
     worker_clients: Mutex<HashMap<String, blockfleet_core::httpjson::JsonClient>>,
     /// Recently read manifests, for EBS block reads.
-    ebs_manifests: Mutex<HashMap<SnapshotId, Arc<blockfleet_core::snapshot::Manifest>>>,
+    ebs_manifests: Mutex<HashMap<SnapshotId, Arc<blockfleet_snapshot_format::Manifest>>>,
 }
 
 impl ControlPlane {

@@ -9,11 +9,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockfleet_core::api::{BlockServerView, DrainReply, DrainRequest, ReplicaReport, ReplicaView};
-use blockfleet_core::blockproto::{Health, ReplicatedVolume};
+use blockfleet_api::{BlockServerView, DrainReply, DrainRequest, ReplicaReport, ReplicaView};
 use blockfleet_core::httpjson::{parse, ApiError, Reply};
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::units::CHUNK;
+use blockfleet_volume_client::{Health, ReplicatedVolume};
 use serde_json::json;
 
 use super::{block_error, now_ms, replicas_error, ControlPlane, REPLICA_TIMEOUT};
@@ -276,8 +276,7 @@ impl ControlPlane {
                 .map_err(|e| block_error(&to, &e))?;
             match c.create_volume(id, v.size, stat.hydrating).await {
                 Ok(()) => {}
-                Err(e)
-                    if e.code() == Some(blockfleet_core::blockproto::ErrorCode::VolumeExists) => {}
+                Err(e) if e.code() == Some(blockfleet_proto::ErrorCode::VolumeExists) => {}
                 Err(e) => return Err(block_error(&to, &e)),
             }
             let mut v = v;

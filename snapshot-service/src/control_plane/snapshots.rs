@@ -4,15 +4,15 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use blockfleet_core::api::{
+use blockfleet_api::{
     validate_tags, ChangedBlocks, CreateSnapshotsRequest, DescribeSnapshotSetRequest,
     DescribeSnapshotsRequest, HydrationState, JobSource, ListChangedBlocksRequest, Snapshot,
     SnapshotIdRequest, SnapshotSet, SnapshotState,
 };
 use blockfleet_core::httpjson::{parse, ApiError, Reply};
 use blockfleet_core::ids::{SnapshotId, VolumeId};
-use blockfleet_core::snapshot::{Manifest, SnapshotError};
 use blockfleet_core::units::CHUNK;
+use blockfleet_snapshot_format::{Manifest, SnapshotError};
 use serde_json::json;
 
 use super::coordinator::PAUSE_WINDOW;

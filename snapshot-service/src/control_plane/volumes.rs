@@ -4,16 +4,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockfleet_core::api::{
+use blockfleet_api::{
     validate_tags, AttachVolumeRequest, Attachment, CreateVolumeRequest, DescribeInstancesRequest,
     DescribeVolumesRequest, Hydration, HydrationState, Instance, InstanceVolume, JobSource, Volume,
     VolumeIdRequest, VolumeState,
 };
-use blockfleet_core::blockproto::ErrorCode;
 use blockfleet_core::httpjson::{parse, ApiError, Reply};
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
-use blockfleet_core::snapshot::SnapshotError;
 use blockfleet_core::units::{chunk_count, CHUNK};
+use blockfleet_proto::ErrorCode;
+use blockfleet_snapshot_format::SnapshotError;
 use serde_json::json;
 
 use super::{block_error, kms_error, now_ms, replicas_error, ControlPlane};
@@ -626,7 +626,7 @@ impl ControlPlane {
                 .parse()
                 .map_err(|e| ApiError::internal(format!("KMS key id {k}: {e}")))?;
             match self.kms.retire_grant(&kid, grant).await {
-                Ok(()) | Err(blockfleet_core::kms::KmsError::NotFound(_)) => {}
+                Ok(()) | Err(blockfleet_keys::kms::KmsError::NotFound(_)) => {}
                 Err(e) => return Err(kms_error(e)),
             }
         }

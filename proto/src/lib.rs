@@ -1,0 +1,15 @@
+//! `blockfleet-proto`: the block protocol between block servers and their clients (host agent,
+//! transform fleet, control plane), and the client library. Ciphertext only: no key type here.
+//!
+//! - [`wire`]: frames, the versioned handshake, request and response messages, their encoding.
+//! - [`client`]: a pipelined client: many requests in flight on one connection, answered out of
+//!   order and matched by request id.
+//! - [`pool`]: one shared connection per block server.
+
+pub mod client;
+pub mod pool;
+pub mod wire;
+
+pub use client::{BlockClient, ClientError};
+pub use pool::BlockPool;
+pub use wire::{ChunkInfo, ErrorCode, Request, Response, VolumeStat, PROTOCOL_VERSION};
