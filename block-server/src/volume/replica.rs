@@ -1,0 +1,74 @@
+//! Replication support: forgetting missed chunks on a rejoining replica and putting repaired ones.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use blockfleet_core::units::CHUNK;
+use blockfleet_proto::{ChunkInfo, ErrorCode};
+use bytes::Bytes;
+
+use super::*;
+
+impl Volume {
+    /// Forgets the state of `chunks` (a rejoining replica's missed chunks) until repair puts
+    /// them; open marks keep their view. Durable with the caller's flush.
+    pub async fn reset_chunks(&self, chunks: &[u64]) -> Result<(), OpError> {
+        for &c in chunks {
+            self.check_chunk(c)?;
+        }
+        let _gate = self.gate.read().await;
+        for &c in chunks {
+            let _stripe = self.lock_stripes(c..c + 1).await;
+            self.copy_on_write(c..c + 1).await?;
+            let mut st = lock(&self.state);
+            st.chunks[c as usize] = ChunkMeta::default();
+            st.dirty_chunks.insert(c);
+        }
+        Ok(())
+    }
+
+    /// Sets chunk `chunk` to `data` (empty: zeros) with state `to` (repair from a replica);
+    /// with `expect` not `u64::MAX`, only if the chunk is at that version now.
+    pub async fn put_chunk(
+        &self,
+        chunk: u64,
+        expect: u64,
+        to: ChunkInfo,
+        data: Bytes,
+    ) -> Result<(), OpError> {
+        self.check_chunk(chunk)?;
+        check_whole_chunk(&data, "PutChunk takes")?;
+        let _gate = self.gate.read().await;
+        let _stripe = self.lock_stripes(chunk..chunk + 1).await;
+        let now = info(&lock(&self.state).chunks[chunk as usize]);
+        if expect != u64::MAX && now.version() != expect {
+            return Err(op_err(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "chunk {chunk} of {} is at version {}, not {expect}",
+                    self.id,
+                    now.version()
+                ),
+            ));
+        }
+        self.copy_on_write(chunk..chunk + 1).await?;
+        let file = Arc::clone(&self.file);
+        blocking(move || {
+            let zeros;
+            let bytes: &[u8] = if data.is_empty() {
+                zeros = vec![0u8; CHUNK as usize];
+                &zeros
+            } else {
+                &data
+            };
+            file.write_all_at(bytes, chunk * CHUNK)
+        })
+        .await?;
+        let mut st = lock(&self.state);
+        st.chunks[chunk as usize] = meta_of(&to);
+        st.dirty_chunks.insert(chunk);
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+}
