@@ -18,7 +18,7 @@
 //! checks the store under a shared hold of `gc`; collection takes it exclusively, so a chunk
 //! is never deleted between an upload finding it present and its manifest being written.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,16 @@ use futures::StreamExt;
 
 use super::{replicas_error, ControlPlane};
 use crate::state::{SnapshotRecord, VolumeRecord};
+
+/// What chunk garbage collection must keep, and its lock.
+#[derive(Debug, Default)]
+pub(crate) struct ChunkGc {
+    /// Shared by uploads checking whether the store has a chunk; exclusive for collection.
+    pub(super) lock: tokio::sync::RwLock<()>,
+    /// Chunks each uploading snapshot set (or EBS upload) references but has not put in a
+    /// manifest yet: collection never deletes them.
+    pub(super) pending: std::sync::Mutex<HashMap<String, HashSet<ChunkHash>>>,
+}
 
 /// Chunks of one volume read and stored at once.
 const UPLOAD_CONCURRENCY: usize = 8;
@@ -167,7 +177,7 @@ impl ControlPlane {
                 false
             }
         };
-        self.pending
+        self.gc.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(set_id);
@@ -300,8 +310,8 @@ impl ControlPlane {
             return Ok(None);
         };
         let present = {
-            let _gc = self.gc.read().await;
-            self.pending
+            let _gc = self.gc.lock.read().await;
+            self.gc.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(set_id.to_owned())
@@ -415,7 +425,7 @@ impl ControlPlane {
                 tracing::warn!(snapshot = %s.id, error = %e, "could not delete a manifest");
             }
         }
-        self.pending
+        self.gc.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(set_id);
@@ -452,10 +462,10 @@ impl ControlPlane {
         if candidates.is_empty() {
             return Ok(0);
         }
-        let _gc = self.gc.write().await;
+        let _gc = self.gc.lock.write().await;
         let mut garbage = candidates;
         for ids in self
-            .pending
+            .gc.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()

@@ -1,16 +1,48 @@
 //! The transform fleet's side: hydration jobs under leases, and what host agents need.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use blockfleet_api::{
     AttachInfo, ClaimJobRequest, HydrationState, Job, JobOutcome, JobReport, JobSource, JobTarget,
     SourceVolume, VolumeIdRequest,
 };
-use blockfleet_core::httpjson::{parse, ApiError, Reply};
+use blockfleet_core::httpjson::{parse, ApiError, JsonClient, Reply};
 use serde_json::json;
 
 use super::{now_ms, ControlPlane};
 use crate::state::{JobRecord, Lease};
+
+/// Transform workers as the control plane knows them.
+#[derive(Debug, Default)]
+pub(crate) struct Workers {
+    /// Fetch endpoints by worker name, with when each last reported.
+    pub(super) seen: Mutex<HashMap<String, (String, u64)>>,
+    /// HTTP clients by endpoint (EBS block transforms reuse their kept-alive connections).
+    pub(super) clients: Mutex<HashMap<String, JsonClient>>,
+}
+
+impl ControlPlane {
+    /// Fetch endpoints of workers heard from within a lease period.
+    pub(super) fn live_workers(&self) -> Vec<String> {
+        let horizon = now_ms().saturating_sub(self.config.job_lease_ms);
+        let w = self.workers.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(u64, String)> = w
+            .values()
+            .filter(|(_, seen)| *seen >= horizon)
+            .map(|(e, seen)| (*seen, e.clone()))
+            .collect();
+        v.sort_by(|a, b| b.cmp(a));
+        v.into_iter().map(|(_, e)| e).collect()
+    }
+
+    pub(super) fn saw_worker(&self, worker: &str, endpoint: &str) {
+        self.workers.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(worker.to_owned(), (endpoint.to_owned(), now_ms()));
+    }
+}
 
 fn to_value<T: serde::Serialize>(v: &T) -> Reply {
     serde_json::to_value(v).map_err(|e| ApiError::internal(e.to_string()))

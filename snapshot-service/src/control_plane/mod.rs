@@ -22,7 +22,7 @@ mod servers;
 mod snapshots;
 mod volumes;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,7 +35,7 @@ use blockfleet_core::ids::{SnapshotId, VolumeId};
 use blockfleet_core::metrics::OpMetrics;
 use blockfleet_keys::kms::{Kms, KmsError};
 use blockfleet_proto::{BlockPool, ClientError};
-use blockfleet_snapshot_format::{Archive, ChunkHash};
+use blockfleet_snapshot_format::Archive;
 use blockfleet_volume_client::{Health, ReplicatedVolume};
 use bytes::Bytes;
 use hyper::Method;
@@ -103,29 +103,20 @@ pub(crate) struct ControlPlane {
     blocks: BlockPool,
     /// Serialises changes (they span KMS and block-server calls); reads do not wait on it.
     changes: tokio::sync::Mutex<()>,
-    /// Transform workers' fetch endpoints by worker name, with when each last reported.
-    workers: Mutex<HashMap<String, (String, u64)>>,
-    /// Chunks each uploading snapshot set references but has not put in a manifest yet:
-    /// garbage collection never deletes them.
-    pending: Mutex<HashMap<String, HashSet<ChunkHash>>>,
+    /// Transform workers heard from, and HTTP clients to them (jobs).
+    workers: jobs::Workers,
+    /// What chunk garbage collection must keep, and its lock (coordinator).
+    gc: coordinator::ChunkGc,
     /// Uploading snapshots: chunks done, and how many changed (once known).
     progress: Mutex<HashMap<SnapshotId, (u64, Option<u64>)>>,
-    /// Shared by uploads checking whether the store has a chunk; exclusive for collection.
-    gc: tokio::sync::RwLock<()>,
     /// `pause_window` (the cut's write hold) and `snapshot_set` (cut to completed or error).
     metrics: OpMetrics<2>,
     /// The last mark id handed out (see `next_mark_id`).
     last_mark: AtomicU64,
     /// Host agents' latest views of their volumes' replicas, with when each came.
     replica_reports: Mutex<HashMap<VolumeId, (ReplicaReport, u64)>>,
-    /// Per pending EBS-direct snapshot: puts shared, completion exclusive.
-    ebs_locks: Mutex<HashMap<SnapshotId, Arc<tokio::sync::RwLock<()>>>>,
-    /// The EBS block-token key, once loaded.
-    ebs_token_key: std::sync::OnceLock<Vec<u8>>,
-    /// HTTP clients of transform workers, by endpoint (EBS block transforms).
-    worker_clients: Mutex<HashMap<String, blockfleet_core::httpjson::JsonClient>>,
-    /// Recently read manifests, for EBS block reads.
-    ebs_manifests: Mutex<HashMap<SnapshotId, Arc<blockfleet_snapshot_format::Manifest>>>,
+    /// The EBS direct APIs' locks, token key and manifest cache.
+    ebs: ebs::EbsState,
 }
 
 impl ControlPlane {
@@ -173,26 +164,6 @@ impl ControlPlane {
 
     fn lease(&self) -> Duration {
         Duration::from_millis(self.config.job_lease_ms)
-    }
-
-    /// Fetch endpoints of workers heard from within a lease period.
-    fn live_workers(&self) -> Vec<String> {
-        let horizon = now_ms().saturating_sub(self.config.job_lease_ms);
-        let w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<(u64, String)> = w
-            .values()
-            .filter(|(_, seen)| *seen >= horizon)
-            .map(|(e, seen)| (*seen, e.clone()))
-            .collect();
-        v.sort_by(|a, b| b.cmp(a));
-        v.into_iter().map(|(_, e)| e).collect()
-    }
-
-    fn saw_worker(&self, worker: &str, endpoint: &str) {
-        self.workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(worker.to_owned(), (endpoint.to_owned(), now_ms()));
     }
 
     async fn route(self: Arc<Self>, method: Method, path: String, body: Bytes) -> Reply {
@@ -261,17 +232,13 @@ pub async fn run(
         archive,
         blocks: BlockPool::new(),
         changes: tokio::sync::Mutex::new(()),
-        workers: Mutex::new(HashMap::new()),
-        pending: Mutex::new(HashMap::new()),
+        workers: jobs::Workers::default(),
+        gc: coordinator::ChunkGc::default(),
         progress: Mutex::new(HashMap::new()),
-        gc: tokio::sync::RwLock::new(()),
         metrics: OpMetrics::new(["pause_window", "snapshot_set"]),
         last_mark: AtomicU64::new(0),
         replica_reports: Mutex::new(HashMap::new()),
-        ebs_locks: Mutex::new(HashMap::new()),
-        ebs_token_key: std::sync::OnceLock::new(),
-        ebs_manifests: Mutex::new(HashMap::new()),
-        worker_clients: Mutex::new(HashMap::new()),
+        ebs: ebs::EbsState::default(),
     });
     if let Some(addr) = &cp.config.metrics_listen {
         let l = TcpListener::bind(addr)

@@ -20,19 +20,19 @@ use super::{BLOCK, MANIFEST_CACHE, TOKEN_KEY_SETTING, TOKEN_LIFETIME_S};
 impl ControlPlane {
     /// The key block tokens are made under, created on first use.
     pub(super) fn token_key(&self) -> Result<Vec<u8>, EbsError> {
-        if let Some(k) = self.ebs_token_key.get() {
+        if let Some(k) = self.ebs.token_key.get() {
             return Ok(k.clone());
         }
         if let Some(k) = self.state.setting(TOKEN_KEY_SETTING)? {
             let k = hex::decode(k).map_err(|e| internal(format!("stored token key: {e}")))?;
-            return Ok(self.ebs_token_key.get_or_init(|| k).clone());
+            return Ok(self.ebs.token_key.get_or_init(|| k).clone());
         }
         let mut k = vec![0u8; 32];
         getrandom::fill(&mut k).map_err(|e| internal(e.to_string()))?;
         self.state
             .put_setting(TOKEN_KEY_SETTING, &hex::encode(&k))?;
         self.state.flush()?;
-        Ok(self.ebs_token_key.get_or_init(|| k).clone())
+        Ok(self.ebs.token_key.get_or_init(|| k).clone())
     }
 
     pub(super) fn block_token(
@@ -110,7 +110,7 @@ impl ControlPlane {
     pub(super) fn manifest_cache(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<SnapshotId, Arc<Manifest>>> {
-        self.ebs_manifests.lock().unwrap_or_else(|p| p.into_inner())
+        self.ebs.manifests.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Forgets a deleted snapshot's cached manifest.

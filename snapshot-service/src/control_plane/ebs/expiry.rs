@@ -33,7 +33,7 @@ impl ControlPlane {
                     continue;
                 }
             }
-            self.pending
+            self.gc.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&format!("ebs:{}", r.id));
@@ -57,7 +57,7 @@ impl ControlPlane {
 impl ControlPlane {
     /// Registers the blocks of pending EBS snapshots with garbage collection (after a restart).
     pub(crate) fn register_pending_ebs(&self) -> Result<(), crate::state::StateError> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.gc.pending.lock().unwrap_or_else(|p| p.into_inner());
         for r in self.state.ebs_all()? {
             if r.state == SnapshotState::Pending {
                 let set: HashSet<ChunkHash> = self

@@ -26,11 +26,14 @@ mod expiry;
 mod http;
 mod upload;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use blockfleet_core::ids::SnapshotId;
 use blockfleet_core::sigv4::{self, SigV4Error};
+use blockfleet_snapshot_format::Manifest;
 use blockfleet_core::units::CHUNK;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -52,6 +55,17 @@ pub(super) const TOKEN_KEY_SETTING: &str = "ebs_block_token_key";
 pub(super) const MANIFEST_CACHE: usize = 16;
 /// Lifetime a listing states for its block tokens (the key does not rotate yet).
 pub(super) const TOKEN_LIFETIME_S: u64 = 3600;
+
+/// What the EBS direct APIs keep in memory.
+#[derive(Debug, Default)]
+pub(crate) struct EbsState {
+    /// Per pending snapshot: puts shared, completion exclusive.
+    pub(super) locks: Mutex<HashMap<SnapshotId, Arc<tokio::sync::RwLock<()>>>>,
+    /// The block-token key, once loaded.
+    pub(super) token_key: std::sync::OnceLock<Vec<u8>>,
+    /// Recently read manifests, for block reads.
+    pub(super) manifests: Mutex<HashMap<SnapshotId, Arc<Manifest>>>,
+}
 
 /// Serves the EBS direct APIs on `listener` until `shutdown`.
 pub(super) async fn serve(
