@@ -177,7 +177,8 @@ impl ControlPlane {
                 false
             }
         };
-        self.gc.pending
+        self.gc
+            .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(set_id);
@@ -311,7 +312,8 @@ impl ControlPlane {
         };
         let present = {
             let _gc = self.gc.lock.read().await;
-            self.gc.pending
+            self.gc
+                .pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(set_id.to_owned())
@@ -425,7 +427,8 @@ impl ControlPlane {
                 tracing::warn!(snapshot = %s.id, error = %e, "could not delete a manifest");
             }
         }
-        self.gc.pending
+        self.gc
+            .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(set_id);
@@ -465,7 +468,8 @@ impl ControlPlane {
         let _gc = self.gc.lock.write().await;
         let mut garbage = candidates;
         for ids in self
-            .gc.pending
+            .gc
+            .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()

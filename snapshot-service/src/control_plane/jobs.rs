@@ -37,7 +37,8 @@ impl ControlPlane {
     }
 
     pub(super) fn saw_worker(&self, worker: &str, endpoint: &str) {
-        self.workers.seen
+        self.workers
+            .seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(worker.to_owned(), (endpoint.to_owned(), now_ms()));

@@ -97,7 +97,8 @@ impl ControlPlane {
         for w in self.live_workers() {
             // One client per worker, so blocks reuse its kept-alive connections.
             let client = self
-                .workers.clients
+                .workers
+                .clients
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(w.clone())

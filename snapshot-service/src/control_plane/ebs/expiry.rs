@@ -33,7 +33,8 @@ impl ControlPlane {
                     continue;
                 }
             }
-            self.gc.pending
+            self.gc
+                .pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&format!("ebs:{}", r.id));

@@ -33,8 +33,8 @@ use std::time::SystemTime;
 
 use blockfleet_core::ids::SnapshotId;
 use blockfleet_core::sigv4::{self, SigV4Error};
-use blockfleet_snapshot_format::Manifest;
 use blockfleet_core::units::CHUNK;
+use blockfleet_snapshot_format::Manifest;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request};

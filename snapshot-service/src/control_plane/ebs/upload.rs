@@ -214,7 +214,8 @@ impl ControlPlane {
         if !zero {
             let present = {
                 let _gc = self.gc.lock.read().await;
-                self.gc.pending
+                self.gc
+                    .pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .entry(format!("ebs:{id}"))
@@ -346,11 +347,13 @@ impl ControlPlane {
         self.state.put_ebs(&r)?;
         self.state.remove_ebs_blocks(&id)?;
         self.state.flush()?;
-        self.ebs.locks
+        self.ebs
+            .locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        self.gc.pending
+        self.gc
+            .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&format!("ebs:{id}"));
@@ -364,7 +367,8 @@ impl ControlPlane {
     /// The mutex of one EBS snapshot's puts (shared) and completion (exclusive).
     pub(super) fn ebs_lock(&self, id: &SnapshotId) -> Arc<tokio::sync::RwLock<()>> {
         Arc::clone(
-            self.ebs.locks
+            self.ebs
+                .locks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(id.clone())
