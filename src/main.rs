@@ -27,6 +27,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    // Processes that hold plaintext keys: no core files, not dumpable (before any key exists).
+    if matches!(
+        cli.command,
+        Command::Attach { .. } | Command::Up | Command::Transform { .. } | Command::Kms { .. }
+    ) {
+        if let Err(e) = blockfleet_keys::harden::harden_process() {
+            eprintln!("error: cannot make this key-holding process non-dumpable: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -47,8 +57,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
     match cli.command {
         Command::Snapshot(cmd) => {
-            let url = control_plane_url(&cli.control_plane, &config);
-            snapshot_cmd::run(&config, &url, cli.output, cmd).await
+            let cp = cli_client(&cli.control_plane, &config);
+            snapshot_cmd::run(&config, cp, cli.output, cmd).await
         }
         Command::Demo { size_mib } => demo::run(&config, cli.output, size_mib).await,
         Command::Attach {
@@ -65,12 +75,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     replicas: block_server,
                     wrapped_key,
                     fetch_endpoints: Vec::new(),
+                    fetch_token: None,
                     control_plane: None,
                     replica_timeout: std::time::Duration::from_millis(replica_timeout_ms),
                 },
                 true => {
                     services::attach_target(
                         &control_plane_url(&cli.control_plane, &config),
+                        config.host_agent.as_ref(),
                         &volume,
                         std::time::Duration::from_millis(replica_timeout_ms),
                     )
@@ -95,20 +107,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             services::transform(&c, shutdown_signal()).await
         }
         Command::Server(cmd) => {
-            server_cmd::run(
-                &control_plane_url(&cli.control_plane, &config),
-                cli.output,
-                cmd,
-            )
-            .await
+            server_cmd::run(cli_client(&cli.control_plane, &config), cli.output, cmd).await
         }
         Command::Volume(cmd) => {
-            volume_cmd::run(
-                &control_plane_url(&cli.control_plane, &config),
-                cli.output,
-                cmd,
-            )
-            .await
+            volume_cmd::run(cli_client(&cli.control_plane, &config), cli.output, cmd).await
         }
         Command::Kms { listen } => {
             let mut c = config.kms_server;
@@ -156,6 +158,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn control_plane_url(flag: &Option<String>, config: &Config) -> String {
     flag.clone()
         .unwrap_or_else(|| format!("http://{}", config.control_plane.listen))
+}
+
+/// The CLI's control-plane client: signs with `[client]` (the API refuses unsigned calls).
+fn cli_client(flag: &Option<String>, config: &Config) -> blockfleet_api::ControlPlaneClient {
+    blockfleet_api::ControlPlaneClient::new(
+        &control_plane_url(flag, config),
+        config.client.as_ref(),
+    )
 }
 
 /// Resolves on SIGINT or SIGTERM: the service then finishes in-flight work and exits cleanly.

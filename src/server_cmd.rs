@@ -34,8 +34,7 @@ fn text(servers: &[BlockServerView]) -> String {
     out.join("\n")
 }
 
-pub async fn run(url: &str, output: Output, cmd: ServerCommand) -> anyhow::Result<()> {
-    let cp = ControlPlaneClient::new(url);
+pub async fn run(cp: ControlPlaneClient, output: Output, cmd: ServerCommand) -> anyhow::Result<()> {
     match cmd {
         ServerCommand::Ls => {
             let servers = cp

@@ -45,10 +45,12 @@ async fn run_control_plane(
         .clone()
         .unwrap_or_else(|| config.kms.clone());
     let archive = open_archive(&config.store, &config.snapshot, &kms).await?;
+    let token_key = blockfleet_core::token::TokenKey::load_or_create(&config.fleet.token_key_file)?;
     blockfleet_snapshot_service::control_plane::run(
         config.control_plane.clone(),
         &kms,
         archive,
+        token_key,
         listener,
         shutdown,
     )
@@ -170,6 +172,8 @@ pub struct AttachTarget {
     pub replica_timeout: std::time::Duration,
     pub wrapped_key: Option<String>,
     pub fetch_endpoints: Vec<String>,
+    /// The capability transform workers take for on-demand fetches of this volume.
+    pub fetch_token: Option<String>,
     /// Asked again for transform workers when none answers.
     pub control_plane: Option<ControlPlaneClient>,
 }
@@ -177,10 +181,11 @@ pub struct AttachTarget {
 /// Asks the control plane how to serve an attached volume.
 pub async fn attach_target(
     control_plane: &str,
+    credentials: Option<&blockfleet_core::config::Credentials>,
     volume: &VolumeId,
     replica_timeout: std::time::Duration,
 ) -> anyhow::Result<AttachTarget> {
-    let cp = ControlPlaneClient::new(control_plane);
+    let cp = ControlPlaneClient::new(control_plane, credentials);
     let info = cp
         .attach_info(volume)
         .await
@@ -190,6 +195,7 @@ pub async fn attach_target(
         replica_timeout,
         wrapped_key: info.wrapped_key,
         fetch_endpoints: info.fetch_endpoints,
+        fetch_token: info.fetch_token,
         control_plane: Some(cp),
     })
 }
@@ -234,8 +240,14 @@ pub async fn attach(
         .control_plane
         .clone()
         .map(|cp| blockfleet_host_agent::follow_placement(cp, &replicas, FOLLOW_EVERY));
-    let fetcher = (!target.fetch_endpoints.is_empty() || target.control_plane.is_some())
-        .then(|| blockfleet_host_agent::Fetcher::new(target.fetch_endpoints, target.control_plane));
+    let fetcher =
+        (!target.fetch_endpoints.is_empty() || target.control_plane.is_some()).then(|| {
+            blockfleet_host_agent::Fetcher::new(
+                target.fetch_endpoints,
+                target.fetch_token,
+                target.control_plane,
+            )
+        });
     let vol = blockfleet_host_agent::AgentVolume::open(replicas, xts, fetcher);
     let listener = bind(listen).await?;
     let vol = Arc::new(vol);

@@ -123,11 +123,10 @@ fn set_table(set: &SnapshotSet) -> String {
 
 pub async fn run(
     config: &Config,
-    url: &str,
+    cp: ControlPlaneClient,
     output: Output,
     cmd: SnapshotCommand,
 ) -> anyhow::Result<()> {
-    let cp = ControlPlaneClient::new(url);
     // Parse ids before touching the store: bad input changes nothing.
     match cmd {
         SnapshotCommand::Import {

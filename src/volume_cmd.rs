@@ -115,8 +115,7 @@ pub fn parse_tags(args: &[String]) -> anyhow::Result<std::collections::BTreeMap<
         .collect()
 }
 
-pub async fn run(url: &str, output: Output, cmd: VolumeCommand) -> anyhow::Result<()> {
-    let cp = ControlPlaneClient::new(url);
+pub async fn run(cp: ControlPlaneClient, output: Output, cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
         VolumeCommand::Create {
             from_snapshot,

@@ -156,7 +156,7 @@ async fn snapshot_to_four_encrypted_volumes_reencryption_and_bad_input() {
         let agent = f.attach(&v.volume_id);
         let back = nbd_read(&agent, &f.dir.path().join(format!("out{i}")));
         assert!(back == img, "volume {i} differs from the image");
-        let info = f.cp.attach_info(&v.volume_id).await.unwrap();
+        let info = f.host_cp.attach_info(&v.volume_id).await.unwrap();
         let wrapped = hex::decode(info.wrapped_key.unwrap()).unwrap();
         keys.push(tf_kms.decrypt_key(&wrapped, &v.volume_id).await.unwrap());
     }

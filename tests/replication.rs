@@ -338,7 +338,7 @@ async fn drain_moves_replicas_under_load() {
     });
     let (agent, volume) = open_volume_on(&f, 3).await;
     let _follow = blockfleet_host_agent::follow_placement(
-        f.cp.clone(),
+        f.host_cp.clone(),
         agent.replicas(),
         Duration::from_millis(200),
     );

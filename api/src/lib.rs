@@ -188,6 +188,10 @@ pub struct AttachInfo {
     pub attachment: Attachment,
     /// Transform workers that fetch unhydrated chunks on demand (empty: none needed).
     pub fetch_endpoints: Vec<String>,
+    /// The capability that lets this host agent ask transform workers for on-demand fetches
+    /// of this volume (header `x-blockfleet-token`); short-lived: ask again when refused.
+    #[serde(default)]
+    pub fetch_token: Option<String>,
     /// A block server being filled to take over from one of `replicas` (a drain): the host
     /// agent writes to it too, and reports when it is in sync.
     #[serde(default)]
@@ -502,9 +506,11 @@ pub struct ControlPlaneClient {
 }
 
 impl ControlPlaneClient {
-    pub fn new(base: &str) -> Self {
+    /// A client of the control plane at `base`, signing with `credentials` (every call needs
+    /// them; without, the control plane refuses).
+    pub fn new(base: &str, credentials: Option<&blockfleet_core::config::Credentials>) -> Self {
         ControlPlaneClient {
-            http: JsonClient::new(base, Duration::from_secs(60)),
+            http: JsonClient::new(base, Duration::from_secs(60)).with_credentials(credentials),
         }
     }
 

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod auth;
 mod fleet;
+pub use auth::{Credentials, FleetConfig, FleetPrincipal, FleetRole};
 pub use fleet::{ControlPlaneConfig, EbsPrincipal, TransformConfig};
 
 #[derive(Debug, Error)]
@@ -52,6 +54,16 @@ pub struct Config {
     pub control_plane: ControlPlaneConfig,
     #[serde(default)]
     pub transform: TransformConfig,
+    /// What the services share (the fleet token key).
+    #[serde(default)]
+    pub fleet: FleetConfig,
+    /// How this machine's CLI signs its calls to the control plane.
+    #[serde(default)]
+    pub client: Option<Credentials>,
+    /// How this machine's host agent signs its calls to the control plane (a `host_agent`
+    /// principal named for the host).
+    #[serde(default)]
+    pub host_agent: Option<Credentials>,
 }
 
 impl Config {
@@ -76,7 +88,14 @@ impl Config {
         self.kms.validate()?;
         self.kms_server.validate()?;
         self.control_plane.validate()?;
-        self.transform.validate()
+        self.transform.validate()?;
+        if let Some(c) = &self.client {
+            c.validate("client")?;
+        }
+        if let Some(c) = &self.host_agent {
+            c.validate("host_agent")?;
+        }
+        Ok(())
     }
 }
 

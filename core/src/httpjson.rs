@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -17,6 +18,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use thiserror::Error;
 use tokio::net::TcpListener;
+
+use crate::config::Credentials;
+
+/// The header a fleet capability token travels in (see `crate::token`).
+pub const TOKEN_HEADER: &str = "x-blockfleet-token";
+
+/// Makes a request's capability token from its body's bytes.
+pub type TokenFn<'a> = dyn Fn(&[u8]) -> String + Sync + 'a;
 
 /// Request bodies larger than this are refused.
 pub const MAX_BODY: usize = 4 << 20;
@@ -84,13 +93,13 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request("InvalidParameter", format!("request body: {e}")))
 }
 
-/// Serves `handler(method, path, body)` on `listener` until `shutdown` resolves.
+/// Serves `handler(request head, body)` on `listener` until `shutdown` resolves.
 pub async fn serve<H, F>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
     handler: H,
 ) where
-    H: Fn(Method, String, Bytes) -> F + Send + Sync + 'static,
+    H: Fn(Parts, Bytes) -> F + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
     let handler = Arc::new(handler);
@@ -102,7 +111,7 @@ pub async fn serve<H, F>(
             async move {
                 let (parts, body) = req.into_parts();
                 let reply = match Limited::new(body, MAX_BODY).collect().await {
-                    Ok(b) => handler(parts.method, parts.uri.path().to_owned(), b.to_bytes()).await,
+                    Ok(b) => handler(parts, b.to_bytes()).await,
                     Err(_) => Err(ApiError::new(
                         413,
                         "RequestTooLarge",
@@ -199,12 +208,14 @@ struct ErrorInner {
     message: String,
 }
 
-/// A JSON client for one service.
+/// A JSON client for one service; with credentials, every request is SigV4-signed for the
+/// fleet's API ([`crate::sigv4::FLEET_SERVICE`]).
 #[derive(Debug, Clone)]
 pub struct JsonClient {
     base: String,
     timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl JsonClient {
@@ -222,7 +233,14 @@ impl JsonClient {
             base,
             timeout,
             client: Client::builder(TokioExecutor::new()).build(connector),
+            credentials: None,
         }
+    }
+
+    /// Signs every request with `credentials`.
+    pub fn with_credentials(mut self, credentials: Option<&Credentials>) -> Self {
+        self.credentials = credentials.map(|c| Arc::new(c.clone()));
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -235,16 +253,24 @@ impl JsonClient {
         path: &str,
         body: &B,
     ) -> Result<T, HttpError> {
-        self.send(
-            Method::POST,
-            path,
-            serde_json::to_vec(body).unwrap_or_default(),
-        )
-        .await
+        self.post_with(path, body, None).await
+    }
+
+    /// As [`post`](Self::post), with a capability token in [`TOKEN_HEADER`] made by `token`
+    /// from the body's bytes.
+    pub async fn post_with<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        token: Option<&TokenFn<'_>>,
+    ) -> Result<T, HttpError> {
+        let body = serde_json::to_vec(body).unwrap_or_default();
+        let token = token.map(|t| t(&body));
+        self.send(Method::POST, path, body, token).await
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, HttpError> {
-        self.send(Method::GET, path, Vec::new()).await
+        self.send(Method::GET, path, Vec::new(), None).await
     }
 
     async fn send<T: DeserializeOwned>(
@@ -252,17 +278,35 @@ impl JsonClient {
         method: Method,
         path: &str,
         body: Vec<u8>,
+        token: Option<String>,
     ) -> Result<T, HttpError> {
         let url = format!("{}{path}", self.base);
-        let req = Request::builder()
+        let bad = |reason: String| HttpError::BadReply {
+            url: url.clone(),
+            reason,
+        };
+        let mut builder = Request::builder()
             .method(method)
             .uri(&url)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| HttpError::BadReply {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            builder = builder.header(TOKEN_HEADER, t);
+        }
+        let mut req = builder
+            .body(Full::new(Bytes::from(body.clone())))
+            .map_err(|e| bad(e.to_string()))?;
+        if let Some(c) = &self.credentials {
+            crate::sigv4::sign_request(
+                &mut req,
+                &body,
+                &c.access_key_id,
+                c.secret_access_key.expose(),
+                crate::sigv4::FLEET_SERVICE,
+                crate::sigv4::FLEET_REGION,
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| bad(format!("cannot sign the request: {e}")))?;
+        }
         let work = async {
             let resp = self
                 .client
@@ -334,7 +378,8 @@ mod tests {
             async {
                 let _ = rx.await;
             },
-            |_m, path, body| async move {
+            |parts: Parts, body| async move {
+                let path = parts.uri.path().to_owned();
                 match path.as_str() {
                     "/echo" => {
                         let v: serde_json::Value = parse(&body)?;
@@ -353,7 +398,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code(), Some("NoSuchAction"));
         let raw = c
-            .send::<serde_json::Value>(Method::POST, "/echo", b"{bad".to_vec())
+            .send::<serde_json::Value>(Method::POST, "/echo", b"{bad".to_vec(), None)
             .await;
         assert_eq!(raw.unwrap_err().code(), Some("InvalidParameter"));
         tx.send(()).unwrap();

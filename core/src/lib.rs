@@ -10,6 +10,8 @@
 //! - [`sigv4`]: AWS SigV4 request verification for the AWS-shaped APIs blockfleet serves.
 //! - [`object_key`]: object-store key syntax.
 //! - [`fsutil`]: crash-safe file writes (temp file, fsync, rename, fsync directory).
+//! - [`secret_file`]: 32-byte secrets kept in 0600 files, created on first use.
+//! - [`token`]: fleet capability tokens (HMAC) the control plane issues and transform workers check.
 
 #[cfg(feature = "aws")]
 pub mod aws;
@@ -19,5 +21,7 @@ pub mod httpjson;
 pub mod ids;
 pub mod metrics;
 pub mod object_key;
+pub mod secret_file;
 pub mod sigv4;
+pub mod token;
 pub mod units;

@@ -150,34 +150,50 @@ impl AgentMetrics {
 }
 
 /// Asks the transform fleet to hydrate chunks a read needs now (lazy hydration). The worker
-/// list comes from the control plane and is asked again when no worker answers (workers come
-/// and go).
+/// list and the fetch capability (`AttachInfo.fetch_token`) come from the control plane and are
+/// asked again when no worker answers (workers come and go) or the capability is refused
+/// (it expires).
 #[derive(Debug)]
 pub struct Fetcher {
-    endpoints: std::sync::Mutex<Vec<String>>,
+    /// Worker endpoints and the capability they take.
+    workers: std::sync::Mutex<(Vec<String>, Option<String>)>,
     control_plane: Option<ControlPlaneClient>,
 }
 
 impl Fetcher {
-    pub fn new(endpoints: Vec<String>, control_plane: Option<ControlPlaneClient>) -> Self {
+    pub fn new(
+        endpoints: Vec<String>,
+        token: Option<String>,
+        control_plane: Option<ControlPlaneClient>,
+    ) -> Self {
         Fetcher {
-            endpoints: std::sync::Mutex::new(endpoints),
+            workers: std::sync::Mutex::new((endpoints, token)),
             control_plane,
         }
     }
 
-    fn endpoints(&self) -> Vec<String> {
-        self.endpoints
+    fn workers(&self) -> (Vec<String>, Option<String>) {
+        self.workers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
     async fn try_endpoints(&self, req: &FetchRequest) -> Option<Result<(), Errno>> {
-        for e in self.endpoints() {
+        let (endpoints, token) = self.workers();
+        let token = token.unwrap_or_default();
+        let with_token = |_: &[u8]| token.clone();
+        for e in endpoints {
             let client = JsonClient::new(&e, std::time::Duration::from_secs(30));
-            match client.post::<_, FetchReply>("/v1/fetch", req).await {
+            match client
+                .post_with::<_, FetchReply>("/v1/fetch", req, Some(&with_token))
+                .await
+            {
                 Ok(_) => return Some(Ok(())),
+                Err(HttpError::Api(a)) if a.status == 403 => {
+                    tracing::info!(volume = %req.volume_id, error = %a.message, "fetch capability refused; asking the control plane again");
+                    return None;
+                }
                 Err(HttpError::Api(a)) if a.status != 503 => {
                     tracing::warn!(volume = %req.volume_id, code = %a.code, error = %a.message, "on-demand fetch refused");
                     return Some(Err(EIO));
@@ -209,8 +225,8 @@ impl Fetcher {
                         // is alive (the read fails again, clearly).
                         return Ok(());
                     }
-                    *self.endpoints.lock().unwrap_or_else(|p| p.into_inner()) =
-                        info.fetch_endpoints;
+                    *self.workers.lock().unwrap_or_else(|p| p.into_inner()) =
+                        (info.fetch_endpoints, info.fetch_token);
                     if let Some(r) = self.try_endpoints(&req).await {
                         return r;
                     }

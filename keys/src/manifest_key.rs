@@ -9,7 +9,7 @@ use sha2::Sha256;
 use thiserror::Error;
 use zeroize::Zeroize;
 
-use crate::secret_file::{load_or_create_secret, KEY_LEN};
+use blockfleet_core::secret_file::{load_or_create_secret, KEY_LEN};
 
 /// A key file that could not be loaded or created; the reason never holds key bytes.
 #[derive(Debug, Error)]

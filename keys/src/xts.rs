@@ -23,8 +23,8 @@ use aes::cipher::{
 };
 use aes::{Aes256, Block};
 use thiserror::Error;
-use zeroize::Zeroize;
 
+use crate::locked::Locked;
 use blockfleet_core::units::SECTOR;
 
 /// Bytes in an XTS data unit.
@@ -45,9 +45,10 @@ pub enum CryptoError {
     UnitOverflow { first: u64, count: u64 },
 }
 
-/// A 512-bit AES-256-XTS key. Zeroized on drop; never printed.
+/// A 512-bit AES-256-XTS key, on locked pages left out of core dumps ([`Locked`]). Zeroized on
+/// drop; never printed.
 pub struct XtsKey {
-    bytes: Box<[u8; XTS_KEY_LEN]>,
+    bytes: Locked<[u8; XTS_KEY_LEN]>,
 }
 
 impl XtsKey {
@@ -61,14 +62,14 @@ impl XtsKey {
         if k1 == k2 {
             return Err(CryptoError::EqualKeyHalves);
         }
-        let mut key = Box::new([0u8; XTS_KEY_LEN]);
+        let mut key = Locked::new([0u8; XTS_KEY_LEN]);
         key.copy_from_slice(bytes);
         Ok(XtsKey { bytes: key })
     }
 
     /// A fresh key from the operating system's random source.
     pub fn generate() -> Self {
-        let mut bytes = Box::new([0u8; XTS_KEY_LEN]);
+        let mut bytes = Locked::new([0u8; XTS_KEY_LEN]);
         loop {
             getrandom::fill(&mut bytes[..]).expect("the OS random source failed");
             if bytes[..32] != bytes[32..] {
@@ -83,21 +84,20 @@ impl XtsKey {
     }
 }
 
-impl Drop for XtsKey {
-    fn drop(&mut self) {
-        self.bytes.zeroize();
-    }
-}
-
 impl fmt::Debug for XtsKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("XtsKey(<redacted>)")
     }
 }
 
-/// An AES-256-XTS cipher ready to encrypt and decrypt data units. The expanded round keys are
-/// zeroized on drop by the `aes` crate.
+/// An AES-256-XTS cipher ready to encrypt and decrypt data units. The expanded round keys live
+/// on locked pages left out of core dumps, zeroized on drop (by the `aes` crate, then
+/// [`Locked`]).
 pub struct Xts {
+    ciphers: Locked<Ciphers>,
+}
+
+struct Ciphers {
     data: Aes256,
     tweak: Aes256,
 }
@@ -119,8 +119,10 @@ impl Xts {
     pub fn new(key: &XtsKey) -> Self {
         let (k1, k2) = key.bytes.split_at(XTS_KEY_LEN / 2);
         Xts {
-            data: Aes256::new_from_slice(k1).expect("32-byte half"),
-            tweak: Aes256::new_from_slice(k2).expect("32-byte half"),
+            ciphers: Locked::new(Ciphers {
+                data: Aes256::new_from_slice(k1).expect("32-byte half"),
+                tweak: Aes256::new_from_slice(k2).expect("32-byte half"),
+            }),
         }
     }
 
@@ -176,15 +178,15 @@ impl Xts {
     pub(crate) fn unit<const ENCRYPT: bool>(&self, unit: &mut [u8], n: u128) {
         debug_assert!(unit.len() % AES_BLOCK == 0 && unit.len() <= DATA_UNIT);
         let mut t0 = Block::from(n.to_le_bytes());
-        self.tweak.encrypt_block(&mut t0);
+        self.ciphers.tweak.encrypt_block(&mut t0);
         let pass = Pass {
             blocks: Block::slice_as_chunks_mut(unit).0,
             t0: u128::from_le_bytes(t0.into()),
         };
         if ENCRYPT {
-            self.data.encrypt_with_backend(pass);
+            self.ciphers.data.encrypt_with_backend(pass);
         } else {
-            self.data.decrypt_with_backend(pass);
+            self.ciphers.data.decrypt_with_backend(pass);
         }
     }
 }

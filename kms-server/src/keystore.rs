@@ -11,7 +11,7 @@ use std::path::Path;
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
-use blockfleet_keys::secret_file::load_or_create_secret;
+use blockfleet_core::secret_file::load_or_create_secret;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 

@@ -105,12 +105,29 @@ pub struct Fleet {
     pub kms_endpoint: String,
     /// The EBS direct APIs (principal `AKEBS` / `ebs-secret-0123`).
     pub ebs_endpoint: String,
+    /// The control plane as the fleet's admin (`[client]`).
     pub cp: ControlPlaneClient,
+    /// The control plane as host-local's host agent (`[host_agent]`): AttachInfo.
+    pub host_cp: ControlPlaneClient,
     transform_metrics: u16,
     control_plane_metrics: u16,
 }
 
 impl Fleet {
+    /// `host:port` of the control plane's API.
+    pub fn control_plane_addr(&self) -> &str {
+        &self.control_plane.addr
+    }
+
+    /// A control-plane client signing as `access_key_id`.
+    pub fn client(addr: &str, access_key_id: &str, secret: &str) -> ControlPlaneClient {
+        let creds = blockfleet_core::config::Credentials {
+            access_key_id: access_key_id.into(),
+            secret_access_key: blockfleet_core::config::Secret::new(secret),
+        };
+        ControlPlaneClient::new(&format!("http://{addr}"), Some(&creds))
+    }
+
     pub fn start(o: FleetOptions) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
@@ -138,6 +155,31 @@ ebs_listen = "127.0.0.1:{ebs}"
 ebs_timeout_minute_ms = 100
 {cp_extra}
 job_lease_ms = 1000
+[[control_plane.principals]]
+name = "admin"
+role = "admin"
+access_key_id = "AKADMIN"
+secret_access_key = "admin-secret-0123"
+[[control_plane.principals]]
+name = "alice"
+role = "user"
+access_key_id = "AKUSER"
+secret_access_key = "user-secret-0123"
+[[control_plane.principals]]
+name = "host-local"
+role = "host_agent"
+access_key_id = "AKHOSTCP"
+secret_access_key = "hostcp-secret-0123"
+[[control_plane.principals]]
+name = "host-other"
+role = "host_agent"
+access_key_id = "AKOTHERHOST"
+secret_access_key = "other-secret-0123"
+[[control_plane.principals]]
+name = "transform"
+role = "transform"
+access_key_id = "AKTFCP"
+secret_access_key = "tfcp-secret-0123"
 [[control_plane.ebs_principals]]
 name = "uploader"
 access_key_id = "AKEBS"
@@ -153,10 +195,21 @@ concurrency = {concurrency}
 background_mib_per_sec = {background}
 poll_ms = {poll_ms}
 metrics_listen = "127.0.0.1:{tfm}"
+[transform.credentials]
+access_key_id = "AKTFCP"
+secret_access_key = "tfcp-secret-0123"
 [transform.kms]
 endpoint = "http://127.0.0.1:{kms}"
 access_key_id = "AKTF"
 secret_access_key = "tf-secret-0123"
+[fleet]
+token_key_file = "{d}/fleet-token.key"
+[client]
+access_key_id = "AKADMIN"
+secret_access_key = "admin-secret-0123"
+[host_agent]
+access_key_id = "AKHOSTCP"
+secret_access_key = "hostcp-secret-0123"
 [kms]
 endpoint = "http://127.0.0.1:{kms}"
 access_key_id = "AKHOST"
@@ -223,7 +276,8 @@ secret_access_key = "host-secret-0123"
             config,
             kms_proc: Some(kms_proc),
             block_servers,
-            cp: ControlPlaneClient::new(&format!("http://{}", control_plane.addr)),
+            cp: Fleet::client(&control_plane.addr, "AKADMIN", "admin-secret-0123"),
+            host_cp: Fleet::client(&control_plane.addr, "AKHOSTCP", "hostcp-secret-0123"),
             control_plane,
             transform: None,
             kms_endpoint: format!("http://127.0.0.1:{kms}"),
@@ -289,7 +343,7 @@ secret_access_key = "host-secret-0123"
             })
             .await
             .unwrap();
-        let info = self.cp.attach_info(volume).await.unwrap();
+        let info = self.host_cp.attach_info(volume).await.unwrap();
         let xts = match &info.wrapped_key {
             Some(w) => {
                 let host = self.kms("AKHOST", "host-secret-0123").await;
@@ -301,8 +355,13 @@ secret_access_key = "host-secret-0123"
             }
             None => None,
         };
-        let fetcher =
-            fetch.then(|| Fetcher::new(info.fetch_endpoints.clone(), Some(self.cp.clone())));
+        let fetcher = fetch.then(|| {
+            Fetcher::new(
+                info.fetch_endpoints.clone(),
+                info.fetch_token.clone(),
+                Some(self.host_cp.clone()),
+            )
+        });
         let replicas = Arc::new(
             ReplicatedVolume::open(volume.clone(), &info.replicas, Duration::from_secs(1))
                 .await

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use blockfleet_api::{
     BlockTransformReply, BlockTransformRequest, ClaimJobRequest, ControlPlaneClient, FetchReply,
@@ -29,12 +29,14 @@ use blockfleet_api::{
 use blockfleet_core::config::Config;
 use blockfleet_core::httpjson::{self, ApiError, Reply};
 use blockfleet_core::ids::VolumeId;
+use blockfleet_core::token::{self, TokenKey};
 use blockfleet_core::units::CHUNK;
 use blockfleet_keys::kms::Kms;
 use blockfleet_proto::BlockPool;
 use blockfleet_snapshot_format::Archive;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use hyper::http::request::Parts;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
@@ -49,6 +51,26 @@ pub enum TransformError {
     Archive(#[from] blockfleet_snapshot_format::manifest_key::OpenArchiveError),
     #[error("transform: {0}")]
     Io(#[from] std::io::Error),
+    #[error("transform: {0}")]
+    TokenKey(#[from] blockfleet_core::token::TokenError),
+}
+
+/// Refuses a request the control plane did not sign for (docs/architecture.md, "Threat model").
+fn check_token(
+    key: &TokenKey,
+    parts: &Parts,
+    purpose: &str,
+    subject: &str,
+) -> Result<(), ApiError> {
+    let token = parts
+        .headers
+        .get(httpjson::TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok());
+    key.check(token, purpose, subject, SystemTime::now())
+        .map_err(|e| {
+            tracing::info!(purpose, error = %e, "request refused");
+            ApiError::new(403, "AccessDenied", format!("{purpose}: {e}"))
+        })
 }
 
 /// Spaces background chunk reads to a byte rate.
@@ -265,8 +287,7 @@ impl Worker {
         Ok(Some(ctx))
     }
 
-    async fn fetch(&self, body: Bytes) -> Reply {
-        let req: FetchRequest = httpjson::parse(&body)?;
+    async fn fetch(&self, req: FetchRequest) -> Reply {
         if req.chunks.len() > 4096 {
             return Err(ApiError::bad_request(
                 "InvalidParameterValue",
@@ -367,11 +388,12 @@ pub async fn run(
         &kms_config,
     )
     .await?;
+    let token_key = TokenKey::load_or_create(&config.fleet.token_key_file)?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let worker = Arc::new(Worker {
         name: format!("transform@{}", listener.local_addr()?),
         endpoint,
-        control_plane: ControlPlaneClient::new(&tc.control_plane),
+        control_plane: ControlPlaneClient::new(&tc.control_plane, tc.credentials.as_ref()),
         archive,
         kms: Kms::connect(&kms_config).await,
         pool: BlockPool::new(),
@@ -396,18 +418,32 @@ pub async fn run(
         tokio::spawn(async move { w.claim_loop(stop_rx).await })
     };
     let w = Arc::clone(&worker);
-    httpjson::serve(listener, shutdown, move |method, path, body| {
+    let token_key = Arc::new(token_key);
+    httpjson::serve(listener, shutdown, move |parts: Parts, body| {
         let w = Arc::clone(&w);
+        let key = Arc::clone(&token_key);
         async move {
-            match (method.as_str(), path.as_str()) {
-                ("POST", "/v1/transform-block") => w.transform_block(body).await,
+            match (parts.method.as_str(), parts.uri.path()) {
+                ("POST", "/v1/transform-block") => {
+                    // Only the control plane, for exactly this request.
+                    check_token(
+                        &key,
+                        &parts,
+                        token::TRANSFORM_BLOCK,
+                        &token::body_digest(&body),
+                    )?;
+                    w.transform_block(body).await
+                }
                 ("POST", "/v1/fetch") => {
+                    // Only the host agent of the attached instance holds this volume's token.
+                    let req: FetchRequest = httpjson::parse(&body)?;
+                    check_token(&key, &parts, token::FETCH, req.volume_id.as_str())?;
                     let start = Instant::now();
-                    let r = w.fetch(body).await;
+                    let r = w.fetch(req).await;
                     w.metrics.fetch.record(0, r.is_ok(), start.elapsed());
                     r
                 }
-                _ => Err(ApiError::not_found(
+                (_, path) => Err(ApiError::not_found(
                     "InvalidAction",
                     format!("no action at {path}"),
                 )),

@@ -42,6 +42,10 @@ pub struct ControlPlaneConfig {
     /// if absent.
     #[serde(default)]
     pub ebs_listen: Option<String>,
+    /// Who may call the control plane's API (SigV4, service `blockfleet`), with which role.
+    /// A call by anyone else is refused.
+    #[serde(default)]
+    pub principals: Vec<super::FleetPrincipal>,
     /// Who may call the EBS direct APIs.
     #[serde(default)]
     pub ebs_principals: Vec<EbsPrincipal>,
@@ -107,6 +111,7 @@ impl Default for ControlPlaneConfig {
             kms: None,
             metrics_listen: None,
             ebs_listen: None,
+            principals: Vec::new(),
             ebs_principals: Vec::new(),
             ebs_timeout_minute_ms: default_minute_ms(),
             ebs_max_inflight: default_ebs_inflight(),
@@ -116,6 +121,7 @@ impl Default for ControlPlaneConfig {
 
 impl ControlPlaneConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        super::auth::validate_principals(&self.principals)?;
         if self.block_servers.is_empty() {
             return Err(invalid(
                 "control_plane.block_servers",
@@ -219,6 +225,9 @@ pub struct TransformConfig {
     /// The worker's KMS principal (role `transform`); `[kms]` if absent.
     #[serde(default)]
     pub kms: Option<KmsClientConfig>,
+    /// How the worker signs its calls to the control plane (a `transform` principal).
+    #[serde(default)]
+    pub credentials: Option<super::Credentials>,
 }
 
 fn default_tf_listen() -> String {
@@ -244,6 +253,7 @@ impl Default for TransformConfig {
             poll_ms: default_poll_ms(),
             metrics_listen: None,
             kms: None,
+            credentials: None,
         }
     }
 }
@@ -266,6 +276,9 @@ impl TransformConfig {
         }
         if let Some(k) = &self.kms {
             k.validate()?;
+        }
+        if let Some(c) = &self.credentials {
+            c.validate("transform.credentials")?;
         }
         Ok(())
     }

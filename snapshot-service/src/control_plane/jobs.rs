@@ -1,6 +1,9 @@
 //! The transform fleet's side: hydration jobs under leases, and what host agents need.
 
 use std::collections::HashMap;
+use std::time::SystemTime;
+
+use blockfleet_core::token;
 use std::sync::{Arc, Mutex};
 
 use blockfleet_api::{
@@ -241,9 +244,12 @@ impl ControlPlane {
         to_value(&spec)
     }
 
-    pub(super) fn attach_info(&self, body: &[u8]) -> Reply {
+    pub(super) fn attach_info(&self, body: &[u8], caller: &super::auth::Caller) -> Reply {
         let req: VolumeIdRequest = parse(body)?;
         let v = self.get_volume(&req.volume_id)?;
+        if v.attachment.is_some() {
+            super::auth::check_host(caller, &v)?;
+        }
         let Some(a) = &v.attachment else {
             return Err(ApiError::conflict(
                 "IncorrectState",
@@ -271,6 +277,12 @@ impl ControlPlane {
                 Vec::new()
             },
             joining: v.moving.as_ref().map(|(_, to)| to.clone()),
+            fetch_token: Some(self.token_key.issue(
+                token::FETCH,
+                v.id.as_str(),
+                SystemTime::now(),
+                super::FETCH_TOKEN_TTL,
+            )),
         })
     }
 }

@@ -2,6 +2,7 @@
 //! volumes, attachments and instances, placement of volumes on block servers, and the
 //! hydration jobs transform workers claim.
 //!
+//! - [`auth`]: SigV4 authentication of every call and the role policy table.
 //! - [`volumes`]: CreateVolume, DescribeVolumes, DeleteVolume, AttachVolume, DetachVolume,
 //!   DescribeInstances.
 //! - [`jobs`]: the transform fleet's side: ClaimJob, ReportJob, JobForVolume, AttachInfo.
@@ -15,6 +16,7 @@
 //! The control plane holds wrapped data keys only: it asks the KMS for
 //! GenerateDataKeyWithoutPlaintext and grants, never for Decrypt (the KMS policy denies it).
 
+mod auth;
 mod coordinator;
 mod ebs;
 mod jobs;
@@ -33,11 +35,13 @@ use blockfleet_core::config::{ControlPlaneConfig, KmsClientConfig};
 use blockfleet_core::httpjson::{self, ApiError, Reply};
 use blockfleet_core::ids::{SnapshotId, VolumeId};
 use blockfleet_core::metrics::OpMetrics;
+use blockfleet_core::token::TokenKey;
 use blockfleet_keys::kms::{Kms, KmsError};
 use blockfleet_proto::{BlockPool, ClientError};
 use blockfleet_snapshot_format::Archive;
 use blockfleet_volume_client::{Health, ReplicatedVolume};
 use bytes::Bytes;
+use hyper::http::request::Parts;
 use hyper::Method;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -117,7 +121,14 @@ pub(crate) struct ControlPlane {
     replica_reports: Mutex<HashMap<VolumeId, (ReplicaReport, u64)>>,
     /// The EBS direct APIs' locks, token key and manifest cache.
     ebs: ebs::EbsState,
+    /// Signs requests to transform workers and host agents' fetch capabilities.
+    token_key: TokenKey,
 }
+
+/// How long a fetch capability handed out with AttachInfo lasts (the host agent asks again).
+pub(crate) const FETCH_TOKEN_TTL: Duration = Duration::from_secs(600);
+/// How long a signed block-transform request stays good.
+pub(crate) const TRANSFORM_TOKEN_TTL: Duration = Duration::from_secs(60);
 
 impl ControlPlane {
     /// The replicas of volume `id` (`size` bytes) as one volume, over the pool's connections.
@@ -166,8 +177,9 @@ impl ControlPlane {
         Duration::from_millis(self.config.job_lease_ms)
     }
 
-    async fn route(self: Arc<Self>, method: Method, path: String, body: Bytes) -> Reply {
-        if method != Method::POST {
+    async fn route(self: Arc<Self>, parts: Parts, body: Bytes) -> Reply {
+        let path = parts.uri.path();
+        if parts.method != Method::POST {
             return Err(ApiError::new(
                 405,
                 "MethodNotAllowed",
@@ -175,6 +187,13 @@ impl ControlPlane {
             ));
         }
         let action = path.strip_prefix("/v1/").unwrap_or("");
+        let caller = match self.authorize(&parts, &body, action) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(action, code = %e.code, error = %e.message, "refused");
+                return Err(e);
+            }
+        };
         let reply = match action {
             "CreateVolume" => self.create_volume(&body).await,
             "DescribeVolumes" => self.describe_volumes(&body).await,
@@ -189,8 +208,8 @@ impl ControlPlane {
             "ListChangedBlocks" => self.list_changed_blocks(&body).await,
             "DescribeBlockServers" => self.describe_block_servers(&body).await,
             "DrainBlockServer" => self.drain_block_server(&body).await,
-            "internal/ReportReplicas" => self.report_replicas(&body),
-            "internal/AttachInfo" => self.attach_info(&body),
+            "internal/ReportReplicas" => self.report_replicas(&body, &caller),
+            "internal/AttachInfo" => self.attach_info(&body, &caller),
             "internal/ClaimJob" => self.claim_job(&body).await,
             "internal/ReportJob" => self.report_job(&body).await,
             "internal/JobForVolume" => self.job_for_volume(&body),
@@ -210,11 +229,12 @@ impl ControlPlane {
 /// Serves the control plane on `listener` until `shutdown` resolves.
 ///
 /// `archive` reads snapshot manifests (to check a snapshot exists and its size); `kms` is the
-/// control plane's own principal.
+/// control plane's own principal; `token_key` the fleet token key (`[fleet]`).
 pub async fn run(
     config: ControlPlaneConfig,
     kms: &KmsClientConfig,
     archive: Archive,
+    token_key: TokenKey,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ControlPlaneError> {
@@ -239,6 +259,7 @@ pub async fn run(
         last_mark: AtomicU64::new(0),
         replica_reports: Mutex::new(HashMap::new()),
         ebs: ebs::EbsState::default(),
+        token_key,
     });
     if let Some(addr) = &cp.config.metrics_listen {
         let l = TcpListener::bind(addr)
@@ -282,8 +303,8 @@ pub async fn run(
         None => None,
     };
     let handler_cp = Arc::clone(&cp);
-    httpjson::serve(listener, shutdown, move |m, p, b| {
-        Arc::clone(&handler_cp).route(m, p, b)
+    httpjson::serve(listener, shutdown, move |parts, body| {
+        Arc::clone(&handler_cp).route(parts, body)
     })
     .await;
     if let Some(e) = ebs {

@@ -48,9 +48,9 @@ impl ControlPlane {
     }
 
     /// `internal/ReportReplicas`: a host agent's view of its volume's replicas.
-    pub(super) fn report_replicas(&self, body: &[u8]) -> Reply {
+    pub(super) fn report_replicas(&self, body: &[u8], caller: &super::auth::Caller) -> Reply {
         let r: ReplicaReport = parse(body)?;
-        self.get_volume(&r.volume_id)?;
+        super::auth::check_host(caller, &self.get_volume(&r.volume_id)?)?;
         self.replica_reports
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -94,6 +94,15 @@ impl ControlPlane {
             data: b64(data),
         };
         let mut last = "no transform worker is up".to_owned();
+        // The worker serves only requests the control plane signed, each for its own body.
+        let sign = |body: &[u8]| {
+            self.token_key.issue(
+                blockfleet_core::token::TRANSFORM_BLOCK,
+                &blockfleet_core::token::body_digest(body),
+                std::time::SystemTime::now(),
+                crate::control_plane::TRANSFORM_TOKEN_TTL,
+            )
+        };
         for w in self.live_workers() {
             // One client per worker, so blocks reuse its kept-alive connections.
             let client = self
@@ -105,7 +114,7 @@ impl ControlPlane {
                 .or_insert_with(|| JsonClient::new(&w, std::time::Duration::from_secs(30)))
                 .clone();
             match client
-                .post::<_, BlockTransformReply>("/v1/transform-block", &req)
+                .post_with::<_, BlockTransformReply>("/v1/transform-block", &req, Some(&sign))
                 .await
             {
                 Ok(r) => {

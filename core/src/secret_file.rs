@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use blockfleet_core::fsutil::{create_dir_all_durable, write_new};
+use crate::fsutil::{create_dir_all_durable, write_new};
 use zeroize::Zeroizing;
 
 /// Bytes in a secret file's key.

@@ -1,0 +1,289 @@
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
+//! Attacks on the fleet's own APIs, by callers without the right identity: every one is
+//! refused with a clear error and changes nothing, while the entitled caller still succeeds.
+//! (The legitimate flows are the rest of the suite, all signed.)
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use blockfleet_api::{
+    AttachVolumeRequest, BlockTransformRequest, CreateVolumeRequest, FetchRequest, ReplicaReport,
+};
+use blockfleet_core::httpjson::{HttpError, JsonClient};
+use blockfleet_core::ids::{InstanceId, VolumeId};
+use blockfleet_core::sigv4::{sign_request, FLEET_REGION, FLEET_SERVICE};
+use blockfleet_core::token::{self, TokenKey};
+use common::{Fleet, FleetOptions};
+
+/// POSTs raw bytes with `headers` and returns the status and body (no client library in the
+/// way: what an attacker on the network can send).
+fn raw_post(addr: &str, path: &str, headers: &[(String, String)], body: &[u8]) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        if n != "host" {
+            req += &format!("{n}: {v}\r\n");
+        }
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+/// The headers of `body` to `path` signed as `access_key_id` at `time`.
+fn signed(
+    addr: &str,
+    path: &str,
+    body: &[u8],
+    key: (&str, &str),
+    time: SystemTime,
+) -> Vec<(String, String)> {
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .body(())
+        .unwrap();
+    sign_request(
+        &mut req,
+        body,
+        key.0,
+        key.1,
+        FLEET_SERVICE,
+        FLEET_REGION,
+        time,
+    )
+    .unwrap();
+    req.headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// The status and code of a refused call (an answer is a failure, never printed: it may be
+/// plaintext).
+fn refused<T>(r: Result<T, HttpError>) -> (u16, String) {
+    match r {
+        Ok(_) => panic!("the call was served"),
+        Err(HttpError::Api(a)) => (a.status, a.code),
+        Err(other) => panic!("expected an API error, got {other}"),
+    }
+}
+
+const ACTIONS: [&str; 18] = [
+    "CreateVolume",
+    "DescribeVolumes",
+    "DeleteVolume",
+    "AttachVolume",
+    "DetachVolume",
+    "DescribeInstances",
+    "CreateSnapshots",
+    "DescribeSnapshotSet",
+    "DescribeSnapshots",
+    "DeleteSnapshot",
+    "ListChangedBlocks",
+    "DescribeBlockServers",
+    "DrainBlockServer",
+    "internal/ReportReplicas",
+    "internal/AttachInfo",
+    "internal/ClaimJob",
+    "internal/ReportJob",
+    "internal/JobForVolume",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
+    let f = Fleet::start(FleetOptions::default());
+    let addr = f.control_plane_addr().to_owned();
+    let user = Fleet::client(&addr, "AKUSER", "user-secret-0123");
+    let other_host = Fleet::client(&addr, "AKOTHERHOST", "other-secret-0123");
+    let transform = Fleet::client(&addr, "AKTFCP", "tfcp-secret-0123");
+
+    // An encrypted volume, attached on host-local.
+    let v = user
+        .create_volume(&CreateVolumeRequest {
+            size: Some(8 << 20),
+            encrypted: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    user.attach_volume(&AttachVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        instance_id: InstanceId::generate(),
+        device: None,
+        boot: false,
+        host: Some("host-local".into()),
+    })
+    .await
+    .unwrap();
+    let volumes_before = f.cp.describe_volumes(&[]).await.unwrap().len();
+
+    // Unsigned, wrongly signed, unknown key, replayed after the window: 401 on every action.
+    let create = serde_json::to_vec(&CreateVolumeRequest {
+        size: Some(8 << 20),
+        ..Default::default()
+    })
+    .unwrap();
+    let now = SystemTime::now();
+    for action in ACTIONS {
+        let path = format!("/v1/{action}");
+        let attempts = [
+            ("unsigned", Vec::new()),
+            (
+                "wrong secret",
+                signed(&addr, &path, &create, ("AKUSER", "not-the-secret"), now),
+            ),
+            (
+                "unknown key",
+                signed(&addr, &path, &create, ("AKNOBODY", "user-secret-0123"), now),
+            ),
+            (
+                "replayed after 20 minutes",
+                signed(
+                    &addr,
+                    &path,
+                    &create,
+                    ("AKADMIN", "admin-secret-0123"),
+                    now - Duration::from_secs(20 * 60),
+                ),
+            ),
+        ];
+        for (what, headers) in attempts {
+            let (status, body) = raw_post(&addr, &path, &headers, &create);
+            assert_eq!(status, 401, "{action} {what}: {body}");
+            assert!(body.contains("AuthFailure"), "{action} {what}: {body}");
+        }
+    }
+    // A correctly signed request whose body was altered on the way.
+    let mut headers = signed(
+        &addr,
+        "/v1/CreateVolume",
+        &create,
+        ("AKADMIN", "admin-secret-0123"),
+        now,
+    );
+    headers.retain(|(n, _)| n != "x-amz-content-sha256");
+    let altered = serde_json::to_vec(&CreateVolumeRequest {
+        size: Some(16 << 20),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        raw_post(&addr, "/v1/CreateVolume", &headers, &altered).0,
+        401
+    );
+
+    // A user may not drain servers or call the fleet's internal actions.
+    assert_eq!(
+        refused(user.describe_block_servers().await),
+        (403, "AccessDenied".into())
+    );
+    assert_eq!(
+        refused(user.drain_block_server("127.0.0.1:1").await),
+        (403, "AccessDenied".into())
+    );
+    assert_eq!(refused(user.attach_info(&v.volume_id).await).0, 403);
+    assert_eq!(refused(user.job_for_volume(&v.volume_id).await).0, 403);
+    // Neither may the admin take a volume's wrapped key, nor a transform worker.
+    assert_eq!(refused(f.cp.attach_info(&v.volume_id).await).0, 403);
+    assert_eq!(refused(transform.attach_info(&v.volume_id).await).0, 403);
+    assert_eq!(
+        refused(transform.delete_volume(&v.volume_id).await),
+        (403, "AccessDenied".into())
+    );
+    // The host agent of another host gets neither the key nor a say in the replicas.
+    let (status, c) = refused(other_host.attach_info(&v.volume_id).await);
+    assert_eq!((status, c.as_str()), (403, "AccessDenied"));
+    let report = ReplicaReport {
+        volume_id: v.volume_id.clone(),
+        replicas: Vec::new(),
+    };
+    assert_eq!(refused(other_host.report_replicas(&report).await).0, 403);
+    // What users see of a volume holds no wrapped key.
+    let listed = serde_json::to_string(&user.describe_volumes(&[]).await.unwrap()).unwrap();
+    assert!(!listed.contains("wrapped"), "{listed}");
+    // Nothing changed; the entitled host agent still gets its attachment.
+    assert_eq!(
+        f.cp.describe_volumes(&[]).await.unwrap().len(),
+        volumes_before
+    );
+    let info = f.host_cp.attach_info(&v.volume_id).await.unwrap();
+    let wrapped = info.wrapped_key.clone().expect("an encrypted volume's key");
+
+    // The transform worker decrypts for nobody but the control plane.
+    let worker = f.transform.as_ref().unwrap().addr.clone();
+    let tf = JsonClient::new(&worker, Duration::from_secs(10));
+    let ask = BlockTransformRequest {
+        wrapped_key: wrapped,
+        context_volume: v.volume_id.clone(),
+        block: 0,
+        encrypt: false,
+        data: base64::engine::general_purpose::STANDARD.encode(vec![7u8; 512 << 10]),
+    };
+    let r = tf
+        .post::<_, serde_json::Value>("/v1/transform-block", &ask)
+        .await;
+    assert_eq!(refused(r), (403, "AccessDenied".into()), "no token");
+    // A token the control plane issued for another request does not carry over.
+    let stolen = info.fetch_token.clone().unwrap();
+    let r = tf
+        .post_with::<_, serde_json::Value>(
+            "/v1/transform-block",
+            &ask,
+            Some(&|_: &[u8]| stolen.clone()),
+        )
+        .await;
+    assert_eq!(refused(r).0, 403, "a fetch token is no transform token");
+    // A token made under any key but the fleet's is refused.
+    let forged_key = TokenKey::from_bytes([1; 32]);
+    let forge = |b: &[u8]| {
+        forged_key.issue(
+            token::TRANSFORM_BLOCK,
+            &token::body_digest(b),
+            SystemTime::now(),
+            Duration::from_secs(60),
+        )
+    };
+    let r = tf
+        .post_with::<_, serde_json::Value>("/v1/transform-block", &ask, Some(&forge))
+        .await;
+    assert_eq!(refused(r).0, 403, "forged token");
+
+    // On-demand fetch: only with the capability of that very volume.
+    let fetch = |id: &VolumeId| FetchRequest {
+        volume_id: id.clone(),
+        chunks: vec![0],
+    };
+    let r = tf
+        .post::<_, serde_json::Value>("/v1/fetch", &fetch(&v.volume_id))
+        .await;
+    assert_eq!(refused(r).0, 403, "fetch without a token");
+    let other = VolumeId::generate();
+    let r = tf
+        .post_with::<_, serde_json::Value>(
+            "/v1/fetch",
+            &fetch(&other),
+            Some(&|_: &[u8]| stolen.clone()),
+        )
+        .await;
+    assert_eq!(refused(r).0, 403, "another volume's token");
+    tf.post_with::<_, serde_json::Value>(
+        "/v1/fetch",
+        &fetch(&v.volume_id),
+        Some(&|_: &[u8]| stolen.clone()),
+    )
+    .await
+    .expect("the attached host's agent fetches with its token");
+}
