@@ -132,8 +132,11 @@ fn main() {
         let addr = listener.local_addr().expect("addr").to_string();
         let config = BlockServerConfig {
             data_dir: dir.path().join("bs"),
+            token_key_file: dir.path().join("block-token.key"),
             ..Default::default()
         };
+        let key = blockfleet_core::token::TokenKey::load_or_create(&config.token_key_file)
+            .expect("block token key");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(run(config, listener, async {
             let _ = stopped.await;
@@ -145,6 +148,10 @@ fn main() {
             ));
         }
         let v = VolumeId::generate();
+        clients[0]
+            .authorize_admin(&key, "bench")
+            .await
+            .expect("authorize");
         clients[0]
             .create_volume(&v, SIZE, false)
             .await

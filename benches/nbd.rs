@@ -151,10 +151,17 @@ fn main() {
         let bs_addr = listener.local_addr().expect("addr").to_string();
         let config = BlockServerConfig {
             data_dir: dir.path().join("bs"),
+            token_key_file: dir.path().join("block-token.key"),
             ..Default::default()
         };
+        let key = blockfleet_core::token::TokenKey::load_or_create(&config.token_key_file)
+            .expect("block token key");
         tokio::spawn(run(config, listener, std::future::pending()));
         let client = Arc::new(BlockClient::connect(&bs_addr).await.expect("connect"));
+        client
+            .authorize_admin(&key, "bench")
+            .await
+            .expect("authorize");
         let v = VolumeId::generate();
         client.create_volume(&v, SIZE, false).await.expect("create");
         let xts = Arc::new(Xts::new(&XtsKey::generate()));

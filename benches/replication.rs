@@ -84,15 +84,20 @@ fn main() {
             addrs.push(l.local_addr().expect("addr").to_string());
             let config = BlockServerConfig {
                 data_dir: dir.path().join(format!("bs{i}")),
+                token_key_file: dir.path().join("block-token.key"),
                 ..Default::default()
             };
             tokio::spawn(run(config, l, std::future::pending()));
         }
+        let key =
+            blockfleet_core::token::TokenKey::load_or_create(&dir.path().join("block-token.key"))
+                .expect("block token key");
         let mut results = Vec::new();
         for replicas in [1usize, 3] {
             let v = VolumeId::generate();
             for a in &addrs[..replicas] {
                 let c = BlockClient::connect(a).await.expect("connect");
+                c.authorize_admin(&key, "bench").await.expect("authorize");
                 c.create_volume(&v, SIZE, false).await.expect("create");
             }
             let rv = Arc::new(

@@ -84,6 +84,9 @@ pub enum Command {
         /// Serve Prometheus /metrics here (overrides block_server.metrics_listen).
         #[arg(long)]
         metrics_listen: Option<String>,
+        /// The key admin capabilities are checked with (overrides block_server.token_key_file).
+        #[arg(long)]
+        token_key_file: Option<PathBuf>,
     },
     /// Run the embedded KMS: the AWS KMS API subset blockfleet uses, SigV4-authenticated.
     Kms {

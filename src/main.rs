@@ -129,8 +129,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             data_dir,
             metrics_listen,
+            token_key_file,
         } => {
             let mut c = config.block_server;
+            if let Some(k) = token_key_file {
+                c.token_key_file = k;
+            }
             if metrics_listen.is_some() {
                 c.metrics_listen = metrics_listen;
             }

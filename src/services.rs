@@ -51,6 +51,7 @@ async fn run_control_plane(
         &kms,
         archive,
         token_key,
+        blockfleet_core::token::TokenKey::load_or_create(&config.block_server.token_key_file)?,
         listener,
         shutdown,
     )

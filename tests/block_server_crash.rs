@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use blockfleet_core::ids::VolumeId;
-use blockfleet_proto::BlockClient;
+
 use bytes::Bytes;
 use common::Proc;
 
@@ -26,6 +26,8 @@ fn start(dir: &std::path::Path) -> Proc {
     let mut cmd = common::bin();
     cmd.args(["block-server", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .arg("--token-key-file")
+        .arg(dir.with_file_name("block-token.key"))
         .stderr(Stdio::null());
     common::start_line(cmd)
 }
@@ -71,7 +73,9 @@ async fn kill_9_never_loses_an_acknowledged_flushed_write() {
     let mut total_acked = 0;
     for cycle in 0..cycles {
         let mut server = start(&data_dir);
-        let client = BlockClient::connect(&server.addr).await.unwrap();
+        let client =
+            common::admin_block_client(&server.addr, &data_dir.with_file_name("block-token.key"))
+                .await;
         if cycle == 0 {
             client.create_volume(&volume, VOLUME, false).await.unwrap();
             client.flush(&volume).await.unwrap();

@@ -412,12 +412,12 @@ async fn attach_needs_a_grant_and_serves_nbd() {
         "127.0.0.1:0".into(),
         "--data-dir".into(),
         dir.path().join("bs").display().to_string(),
+        "--token-key-file".into(),
+        dir.path().join("block-token.key").display().to_string(),
     ]);
     let bs_addr = bs.addr.clone();
     let v = VolumeId::generate();
-    let bc = blockfleet_proto::BlockClient::connect(&bs_addr)
-        .await
-        .unwrap();
+    let bc = common::admin_block_client(&bs_addr, &dir.path().join("block-token.key")).await;
     bc.create_volume(&v, 4 << 20, false).await.unwrap();
     let wrapped = hex::encode(cp.generate_wrapped_key(&key, &v).await.unwrap());
 

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup step should panic
 
+mod common;
+
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use blockfleet_block_server::BlockServerConfig;
 use blockfleet_core::ids::VolumeId;
 use blockfleet_host_agent::AgentVolume;
 use blockfleet_keys::xts::{Xts, XtsKey};
-use blockfleet_proto::BlockClient;
+
 use blockfleet_volume_client::ReplicatedVolume;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -38,6 +40,7 @@ async fn start_block_server(
     let (tx, rx) = oneshot::channel();
     let config = BlockServerConfig {
         data_dir: dir.join("bs"),
+        token_key_file: dir.join("block-token.key"),
         ..Default::default()
     };
     let task = tokio::spawn(async move {
@@ -87,9 +90,8 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let (bs_addr, bs_stop, bs_task) = start_block_server(dir.path()).await;
         let volume = VolumeId::generate();
-        BlockClient::connect(&bs_addr)
+        common::admin_block_client(&bs_addr, &dir.path().join("block-token.key"))
             .await
-            .unwrap()
             .create_volume(&volume, SIZE, false)
             .await
             .unwrap();

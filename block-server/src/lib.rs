@@ -55,6 +55,10 @@ pub async fn run(
     config
         .validate()
         .map_err(|e| BlockServerError::Config(e.to_string()))?;
+    let key = std::sync::Arc::new(
+        blockfleet_core::token::TokenKey::load_or_create(&config.token_key_file)
+            .map_err(|e| BlockServerError::Config(e.to_string()))?,
+    );
     let store = std::sync::Arc::new(Store::open(&config)?);
     let metrics = match &config.metrics_listen {
         Some(addr) => {
@@ -64,7 +68,7 @@ pub async fn run(
         }
         None => None,
     };
-    server::serve(store.clone(), &config, listener, shutdown).await;
+    server::serve(store.clone(), key, &config, listener, shutdown).await;
     if let Some(m) = metrics {
         m.abort();
     }

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::store::Store;
 
-pub const OPS: [&str; 19] = [
+pub const OPS: [&str; 20] = [
     "create_volume",
     "delete_volume",
     "stat_volume",
@@ -33,6 +33,7 @@ pub const OPS: [&str; 19] = [
     "chunk_versions",
     "reset_chunks",
     "put_chunk",
+    "authorize",
 ];
 
 /// Index of a request's operation in [`OPS`].
@@ -57,6 +58,7 @@ pub fn op_index(req: &Request) -> usize {
         Request::ChunkVersions { .. } => 16,
         Request::ResetChunks { .. } => 17,
         Request::PutChunk { .. } => 18,
+        Request::Authorize { .. } => 19,
     }
 }
 

@@ -2,18 +2,24 @@
 //! decodes frames and runs each request as its own task (at most `max_inflight_per_connection`
 //! at once), and a writer that sends replies in completion order.
 //!
+//! Admin requests (create, delete, pause, mark, resume, release a mark) need the connection to
+//! have presented an admin capability (`Authorize`) the control plane issued under the block
+//! token key; without, they get `AccessDenied` and change nothing.
+//!
 //! Bad input: a frame that decodes wrongly gets a typed error reply and the connection goes on;
 //! a frame whose length is over the limit, or one too short to hold a request id, loses the
 //! framing, so the connection is closed. Other connections never notice.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use blockfleet_core::token::TokenKey;
+use blockfleet_proto::wire::ADMIN_CAPABILITY;
 use blockfleet_proto::wire::{
     check_frame_len, decode_hello, encode_hello, encode_response, DecodeError,
 };
-use blockfleet_proto::{ErrorCode, Request, PROTOCOL_VERSION};
+use blockfleet_proto::{ErrorCode, Request, Response, PROTOCOL_VERSION};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
@@ -63,6 +69,7 @@ fn decode_error_code(e: &DecodeError) -> ErrorCode {
 /// in-flight requests.
 pub async fn serve(
     store: Arc<Store>,
+    key: Arc<TokenKey>,
     config: &BlockServerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
@@ -77,10 +84,11 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let store = Arc::clone(&store);
+                    let key = Arc::clone(&key);
                     let stop = stop_rx.clone();
                     let inflight = config.max_inflight_per_connection;
                     conns.spawn(async move {
-                        if let Err(e) = connection(store, stream, stop, inflight).await {
+                        if let Err(e) = connection(store, key, stream, stop, inflight).await {
                             tracing::debug!(%peer, error = %e, "connection closed");
                         }
                     });
@@ -98,8 +106,23 @@ pub async fn serve(
     while conns.join_next().await.is_some() {}
 }
 
+/// Requests only a holder of an admin capability may make.
+fn needs_admin(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::CreateVolume { .. }
+            | Request::DeleteVolume { .. }
+            | Request::Pause { .. }
+            | Request::Mark { .. }
+            | Request::Resume { .. }
+            | Request::MarkResume { .. }
+            | Request::ReleaseMark { .. }
+    )
+}
+
 async fn connection(
     store: Arc<Store>,
+    key: Arc<TokenKey>,
     stream: TcpStream,
     mut stop: watch::Receiver<bool>,
     max_inflight: usize,
@@ -151,6 +174,8 @@ async fn connection(
         let _ = w.flush().await;
     });
 
+    // Set by a valid Authorize; kept until the connection closes.
+    let mut admin: Option<String> = None;
     let permits = Arc::new(Semaphore::new(max_inflight.max(1)));
     let mut tasks = JoinSet::new();
     let outcome = loop {
@@ -177,6 +202,38 @@ async fn connection(
                 continue;
             }
         };
+        // Answered in order, so requests after an Authorize see its outcome.
+        let refused = match &req {
+            Request::Authorize { holder, token } => {
+                match key.check(Some(token), ADMIN_CAPABILITY, holder, SystemTime::now()) {
+                    Ok(()) => {
+                        tracing::debug!(holder, "connection authorized as admin");
+                        admin = Some(holder.clone());
+                        Some(Ok(Response::Done))
+                    }
+                    Err(e) => {
+                        tracing::info!(holder, error = %e, "capability refused");
+                        Some(Err((
+                            ErrorCode::AccessDenied,
+                            format!("capability refused: {e}"),
+                        )))
+                    }
+                }
+            }
+            r if needs_admin(r) && admin.is_none() => Some(Err((
+                ErrorCode::AccessDenied,
+                "creating, deleting, pausing and marking volumes needs an admin capability \
+                 from the control plane (Authorize)"
+                    .to_owned(),
+            ))),
+            _ => None,
+        };
+        if let Some(result) = refused {
+            if tx.send(encode_response(id, &result)).await.is_err() {
+                break Err("writer gone".into());
+            }
+            continue;
+        }
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             break Err("semaphore closed".into());
         };

@@ -387,6 +387,10 @@ impl Store {
                     .await?;
                 Response::Done
             }
+            // The connection answers it (server.rs): it never reaches the store.
+            Request::Authorize { .. } => {
+                return Err(op_err(ErrorCode::BadRequest, "Authorize is per connection"))
+            }
         })
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use blockfleet_block_server::{run, BlockServerConfig, Store};
 use blockfleet_core::ids::VolumeId;
+use blockfleet_core::token::TokenKey;
 use blockfleet_core::units::{CHUNK, SECTOR};
 use blockfleet_proto::{BlockClient, ErrorCode, Request, Response};
 use bytes::Bytes;
@@ -34,7 +35,9 @@ impl Server {
         s
     }
 
-    async fn start_with(config: BlockServerConfig) -> Server {
+    async fn start_with(mut config: BlockServerConfig) -> Server {
+        // The key file beside the data directory (in the test's temporary directory).
+        config.token_key_file = config.data_dir.with_file_name("block-token.key");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, rx) = oneshot::channel();
@@ -55,8 +58,20 @@ impl Server {
         }
     }
 
+    /// A client holding an admin capability (as the control plane's connections do).
     async fn client(&self) -> BlockClient {
+        let c = self.plain_client().await;
+        c.authorize_admin(&self.key(), "test-admin").await.unwrap();
+        c
+    }
+
+    /// A client that presented no capability.
+    async fn plain_client(&self) -> BlockClient {
         BlockClient::connect(&self.addr).await.unwrap()
+    }
+
+    fn key(&self) -> TokenKey {
+        TokenKey::load_or_create(&self.config.token_key_file).unwrap()
     }
 
     /// Graceful stop, then start again on the same data directory.
@@ -822,4 +837,63 @@ async fn versions_reset_put_chunk_and_mark_ids() {
         c.chunk_versions(&v, 0, 0, 4).await.unwrap(),
         vec![19, 0, 0, 0]
     );
+}
+
+/// Admin requests need a capability the control plane issued under the server's key: without
+/// one, with a forged one, or with one for another holder, they are refused and change nothing;
+/// data requests on a volume need none (yet).
+#[tokio::test]
+async fn admin_requests_need_a_capability() {
+    let s = Server::start().await;
+    let admin = s.client().await;
+    let v = vol();
+    admin.create_volume(&v, 2 * CHUNK, false).await.unwrap();
+    let c = s.plain_client().await;
+    let denied = |r: Result<(), blockfleet_proto::ClientError>| {
+        assert_eq!(r.unwrap_err().code(), Some(ErrorCode::AccessDenied));
+    };
+    denied(c.create_volume(&vol(), CHUNK, false).await);
+    denied(c.delete_volume(&v).await);
+    denied(c.pause(&v).await);
+    denied(c.resume(&v).await);
+    denied(c.release_mark(&v, 1).await);
+    assert_eq!(
+        c.mark(&v, 0).await.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied)
+    );
+    assert_eq!(
+        c.mark_resume(&v, 0).await.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied)
+    );
+    // Forged (another key), for another holder, expired: refused, and the connection stays plain.
+    let forged = TokenKey::from_bytes([3; 32]);
+    denied(c.authorize_admin(&forged, "mallory").await);
+    let now = std::time::SystemTime::now();
+    let theirs = s.key().issue(
+        blockfleet_proto::wire::ADMIN_CAPABILITY,
+        "control-plane",
+        now,
+        Duration::from_secs(60),
+    );
+    denied(c.authorize("mallory", &theirs).await);
+    let old = s.key().issue(
+        blockfleet_proto::wire::ADMIN_CAPABILITY,
+        "control-plane",
+        now - Duration::from_secs(3600),
+        Duration::from_secs(60),
+    );
+    denied(c.authorize("control-plane", &old).await);
+    denied(c.delete_volume(&v).await);
+    // Nothing changed: the volume is there, data requests still work.
+    c.write(&v, 0, Bytes::from(vec![5u8; SECTOR as usize]), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        &c.read(&v, 0, SECTOR as u32).await.unwrap()[..],
+        &[5u8; SECTOR as usize][..]
+    );
+    assert_eq!(admin.stat_volume(&v).await.unwrap().size, 2 * CHUNK);
+    // The right capability makes the same connection an admin one.
+    c.authorize("control-plane", &theirs).await.unwrap();
+    c.delete_volume(&v).await.unwrap();
 }

@@ -333,6 +333,14 @@ pub struct BlockServerConfig {
     /// Where to serve Prometheus `/metrics`; none if absent.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// The key admin capabilities are checked with (0600, created on first use). The control
+    /// plane signs with the same file: every block server and the control plane need it.
+    #[serde(default = "default_block_token_key")]
+    pub token_key_file: PathBuf,
+}
+
+fn default_block_token_key() -> PathBuf {
+    PathBuf::from("blockfleet-data/block-token.key")
 }
 
 fn default_listen() -> String {
@@ -356,6 +364,7 @@ impl Default for BlockServerConfig {
             pause_timeout_ms: default_pause_timeout_ms(),
             max_inflight_per_connection: default_inflight(),
             metrics_listen: None,
+            token_key_file: default_block_token_key(),
         }
     }
 }

@@ -1,6 +1,12 @@
 //! A pipelined block-protocol client: any number of tasks call it at once; each request gets an
 //! id, goes out as one frame, and its reply (which may come back in any order) is matched by id.
 
+use blockfleet_core::token::TokenKey;
+
+/// How long an admin capability may wait before it is presented (it is checked once, when
+/// presented; the connection keeps the right until it closes).
+pub const ADMIN_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -238,6 +244,29 @@ impl BlockClient {
         }
         rx.await
             .unwrap_or_else(|_| Err(self.shared.lost("reply channel closed".into())))
+    }
+
+    /// Presents a capability for this connection (see [`Request::Authorize`]).
+    pub async fn authorize(&self, holder: &str, token: &str) -> Result<(), ClientError> {
+        self.done(
+            Request::Authorize {
+                holder: holder.to_owned(),
+                token: token.to_owned(),
+            },
+            "Authorize",
+        )
+        .await
+    }
+
+    /// Issues an admin capability under `key` (the control plane's, or a test's) and presents it.
+    pub async fn authorize_admin(&self, key: &TokenKey, holder: &str) -> Result<(), ClientError> {
+        let token = key.issue(
+            crate::wire::ADMIN_CAPABILITY,
+            holder,
+            std::time::SystemTime::now(),
+            ADMIN_TOKEN_TTL,
+        );
+        self.authorize(holder, &token).await
     }
 
     pub async fn create_volume(

@@ -4,17 +4,29 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blockfleet_core::token::TokenKey;
+
 use super::{BlockClient, ClientError};
 
 /// Connections by block-server address.
 #[derive(Debug, Default)]
 pub struct BlockPool {
     clients: Mutex<HashMap<String, Arc<BlockClient>>>,
+    /// Presented on every new connection: the control plane's admin capability.
+    admin: Option<(Arc<TokenKey>, String)>,
 }
 
 impl BlockPool {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A pool whose every connection holds an admin capability issued under `key` to `holder`.
+    pub fn with_admin(key: Arc<TokenKey>, holder: &str) -> Self {
+        BlockPool {
+            clients: Mutex::default(),
+            admin: Some((key, holder.to_owned())),
+        }
     }
 
     /// The connection to `addr`, opened (within 5 s) if there is none.
@@ -35,6 +47,9 @@ impl BlockPool {
                 addr: addr.to_owned(),
                 reason: "connect timed out after 5 s".into(),
             })??;
+        if let Some((key, holder)) = &self.admin {
+            c.authorize_admin(key, holder).await?;
+        }
         let c = Arc::new(c);
         self.clients
             .lock()

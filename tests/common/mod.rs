@@ -34,6 +34,15 @@ impl Drop for Proc {
     }
 }
 
+/// A block-protocol client holding an admin capability under the key in `key_file` (as the
+/// control plane's connections do).
+pub async fn admin_block_client(addr: &str, key_file: &Path) -> blockfleet_proto::BlockClient {
+    let key = blockfleet_core::token::TokenKey::load_or_create(key_file).unwrap();
+    let c = blockfleet_proto::BlockClient::connect(addr).await.unwrap();
+    c.authorize_admin(&key, "test-admin").await.unwrap();
+    c
+}
+
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_blockfleet"))
 }
@@ -145,6 +154,8 @@ impl Fleet {
 {store}
 [snapshot]
 manifest_key_file = "{d}/manifest.key"
+[block_server]
+token_key_file = "{d}/block-token.key"
 [control_plane]
 listen = "127.0.0.1:{cp}"
 data_dir = "{d}/cp"

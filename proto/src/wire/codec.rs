@@ -25,6 +25,7 @@ pub(super) mod op {
     pub const CHUNK_VERSIONS: u8 = 17;
     pub const RESET_CHUNKS: u8 = 18;
     pub const PUT_CHUNK: u8 = 19;
+    pub const AUTHORIZE: u8 = 20;
 }
 
 pub(super) mod reply {
@@ -108,6 +109,25 @@ impl<'a> Reader<'a> {
                 reason: format!("{:?} is not a volume id", String::from_utf8_lossy(raw)),
             })
     }
+    /// A UTF-8 string with a u16 length prefix, at most `max` bytes.
+    pub(super) fn string(
+        &mut self,
+        field: &'static str,
+        max: usize,
+    ) -> Result<String, DecodeError> {
+        let len = self.u16()? as usize;
+        if len > max {
+            return Err(DecodeError::BadField {
+                field,
+                reason: format!("{len} bytes, at most {max}"),
+            });
+        }
+        let raw = self.bytes(len)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::BadField {
+            field,
+            reason: "not UTF-8".into(),
+        })
+    }
     /// Data with a u32 length prefix, at most MAX_IO.
     pub(super) fn data(&mut self) -> Result<Bytes, DecodeError> {
         let len = self.u32()?;
@@ -132,6 +152,13 @@ impl<'a> Reader<'a> {
 pub(super) fn put_volume(b: &mut BytesMut, v: &VolumeId) {
     b.put_u8(v.as_str().len() as u8);
     b.put_slice(v.as_str().as_bytes());
+}
+
+/// A string as `Reader::string` reads it (callers keep it within its limit).
+pub(super) fn put_string(b: &mut BytesMut, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    b.put_u16_le(s.len() as u16);
+    b.put_slice(s);
 }
 
 pub(super) fn put_data(b: &mut BytesMut, d: &[u8]) {

@@ -17,6 +17,8 @@
 //!   picks), `ReadMark` of mark 0 reads the live chunk, `ChunkInfo.last_epoch`,
 //!   `ChunkVersions`, `ResetChunks`, `PutChunk` and the `VersionMismatch` error; hydration no
 //!   longer bumps a chunk's generation (it sets `hydrated`).
+//! - V4: `Authorize` (a control-plane capability for the connection) and the `AccessDenied`
+//!   error: volume create and delete, pause, marks and resume need an admin capability.
 //!
 //! Every decoder is total: any byte string yields a message or a [`DecodeError`], never a panic.
 
@@ -34,7 +36,7 @@ mod tests;
 use codec::{frame, Reader};
 pub use response::{decode_response, decode_response_bytes, encode_response, DecodedResponse};
 
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 pub const MAGIC: &[u8; 8] = b"BFBLOCK\0";
 /// Largest data payload of one Read or Write.
 pub const MAX_IO: u32 = 8 << 20;
@@ -77,6 +79,8 @@ pub enum ErrorCode {
     NotHydrated = 13,
     /// A `PutChunk` found the chunk at another version than it expected.
     VersionMismatch = 14,
+    /// The connection holds no capability that allows the request.
+    AccessDenied = 15,
 }
 
 impl ErrorCode {
@@ -97,6 +101,7 @@ impl ErrorCode {
             12 => ShuttingDown,
             13 => NotHydrated,
             14 => VersionMismatch,
+            15 => AccessDenied,
             _ => return None,
         })
     }
@@ -209,7 +214,19 @@ pub enum Request {
         info: ChunkInfo,
         data: Bytes,
     },
+    /// Presents a capability the control plane issued to `holder` (`blockfleet_core::token`,
+    /// purpose [`ADMIN_CAPABILITY`]): until it expires, this connection may create and delete
+    /// volumes, pause, mark and resume them.
+    Authorize {
+        holder: String,
+        token: String,
+    },
 }
+
+/// The token purpose of an admin capability on the block protocol.
+pub const ADMIN_CAPABILITY: &str = "block-admin";
+/// Longest `holder` or `token` of an `Authorize`.
+pub const MAX_AUTH_FIELD: usize = 256;
 
 /// Most chunks one `ChunkVersions` or `ResetChunks` covers.
 pub const MAX_CHUNK_LIST: u32 = 65536;

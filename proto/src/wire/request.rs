@@ -187,6 +187,11 @@ impl Request {
                 put_chunk_info(&mut b, info);
                 b.put_u32_le(data.len() as u32);
             }
+            Request::Authorize { holder, token } => {
+                b.put_u8(op::AUTHORIZE);
+                put_string(&mut b, holder);
+                put_string(&mut b, token);
+            }
         }
         b
     }
@@ -288,6 +293,10 @@ impl Request {
             op::RESET_CHUNKS => Request::ResetChunks {
                 volume: r.volume()?,
                 chunks: u64_list(&mut r, MAX_CHUNK_LIST)?,
+            },
+            op::AUTHORIZE => Request::Authorize {
+                holder: r.string("holder", MAX_AUTH_FIELD)?,
+                token: r.string("token", MAX_AUTH_FIELD)?,
             },
             op::PUT_CHUNK => Request::PutChunk {
                 volume: r.volume()?,

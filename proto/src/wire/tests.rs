@@ -73,6 +73,10 @@ fn all_requests() -> Vec<Request> {
             mark: 2,
             chunk: 5,
         },
+        Request::Authorize {
+            holder: "control-plane".into(),
+            token: "1767225600.00ff".into(),
+        },
         Request::ListChangedChunks {
             volume: v.clone(),
             base: 1,
@@ -222,4 +226,26 @@ proptest! {
         let f = req.encode(id);
         prop_assert_eq!(Request::decode(&f[4..]), (Some(id), Ok(req)));
     }
+}
+
+#[test]
+fn authorize_fields_are_bounded() {
+    let long = "x".repeat(MAX_AUTH_FIELD + 1);
+    let frame = Request::Authorize {
+        holder: long,
+        token: "t".into(),
+    }
+    .encode(9);
+    let (id, r) = Request::decode(&frame[4..]);
+    assert_eq!(id, Some(9));
+    assert!(
+        matches!(
+            r,
+            Err(DecodeError::BadField {
+                field: "holder",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
 }

@@ -229,12 +229,14 @@ impl ControlPlane {
 /// Serves the control plane on `listener` until `shutdown` resolves.
 ///
 /// `archive` reads snapshot manifests (to check a snapshot exists and its size); `kms` is the
-/// control plane's own principal; `token_key` the fleet token key (`[fleet]`).
+/// control plane's own principal; `token_key` the fleet token key (`[fleet]`); `block_key`
+/// the block servers' token key, under which it holds an admin capability on each of them.
 pub async fn run(
     config: ControlPlaneConfig,
     kms: &KmsClientConfig,
     archive: Archive,
     token_key: TokenKey,
+    block_key: TokenKey,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ControlPlaneError> {
@@ -250,7 +252,7 @@ pub async fn run(
         config,
         state,
         archive,
-        blocks: BlockPool::new(),
+        blocks: BlockPool::with_admin(Arc::new(block_key), "control-plane"),
         changes: tokio::sync::Mutex::new(()),
         workers: jobs::Workers::default(),
         gc: coordinator::ChunkGc::default(),
