@@ -34,7 +34,9 @@ pub enum TokenError {
     Malformed,
     #[error("the capability token has expired")]
     Expired,
-    #[error("the capability token does not cover this request (or the issuer signs under another key)")]
+    #[error(
+        "the capability token does not cover this request (or the issuer signs under another key)"
+    )]
     BadTag,
     #[error("fleet token key {path}: {reason}")]
     KeyFile { path: String, reason: String },
