@@ -148,6 +148,7 @@ fn main() {
             url: Some(&f.ebs_endpoint),
             region: "local",
             credentials: Some(("AKEBS", &secret)),
+            environment: Ok(()),
             max_attempts: 1,
             timeouts: aws_config::timeout::TimeoutConfig::builder().build(),
         })

@@ -62,6 +62,7 @@ fn main() {
                 region: "local".into(),
                 access_key_id: Some(format!("AK-{name}")),
                 secret_access_key: Some(Secret::new(format!("secret-{name}-0123456789"))),
+                credentials_from_environment: false,
             };
             async move { Kms::connect(&c).await }
         };

@@ -27,6 +27,7 @@ async fn client(f: &Fleet, akid: &str, secret: &str) -> aws_sdk_ebs::Client {
         url: Some(&f.ebs_endpoint),
         region: "local",
         credentials: Some((akid, &secret)),
+        environment: Ok(()),
         max_attempts: 1,
         timeouts: aws_config::timeout::TimeoutConfig::builder().build(),
     })

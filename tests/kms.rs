@@ -68,6 +68,7 @@ async fn client(f: &Fleet, name: &str, secret_key: &str) -> Kms {
         region: "local".into(),
         access_key_id: Some(akid(name)),
         secret_access_key: Some(Secret::new(secret_key)),
+        credentials_from_environment: false,
     })
     .await
 }

@@ -40,6 +40,7 @@ async fn client(endpoint: &str, name: &str) -> Kms {
         region: "local".into(),
         access_key_id: Some(format!("AK-{name}")),
         secret_access_key: Some(Secret::new(format!("secret-{name}-0123456789"))),
+        credentials_from_environment: false,
     })
     .await
 }

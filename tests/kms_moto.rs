@@ -17,6 +17,7 @@ async fn generate_decrypt_and_grants_against_moto() {
         region: "us-east-1".into(),
         access_key_id: Some("testing".into()),
         secret_access_key: Some(Secret::new("testing")),
+        credentials_from_environment: false,
     })
     .await;
     let key: KmsKeyId = kms

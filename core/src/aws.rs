@@ -17,8 +17,28 @@ pub struct Endpoint<'a> {
     pub region: &'a str,
     /// Both from config, or `None` for the default credential chain.
     pub credentials: Option<(&'a str, &'a Secret)>,
+    /// Whether `None` credentials may come from the AWS environment (variables, profile,
+    /// instance role); if not, every call fails naming `what`.
+    pub environment: Result<(), &'static str>,
     pub max_attempts: u32,
     pub timeouts: TimeoutConfig,
+}
+
+/// Credentials that never load: the config named none and did not allow the environment's.
+#[derive(Debug)]
+struct NoCredentials(&'static str);
+
+impl aws_credential_types::provider::ProvideCredentials for NoCredentials {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::ready(Err(
+            aws_credential_types::provider::error::CredentialsError::not_loaded(self.0),
+        ))
+    }
 }
 
 pub async fn sdk_config(e: Endpoint<'_>) -> SdkConfig {
@@ -35,14 +55,18 @@ pub async fn sdk_config(e: Endpoint<'_>) -> SdkConfig {
     if let Some(url) = e.url {
         loader = loader.endpoint_url(url);
     }
-    if let Some((id, secret)) = e.credentials {
-        loader = loader.credentials_provider(Credentials::new(
-            id,
-            secret.expose(),
-            None,
-            None,
-            "blockfleet-config",
-        ));
+    match (e.credentials, e.environment) {
+        (Some((id, secret)), _) => {
+            loader = loader.credentials_provider(Credentials::new(
+                id,
+                secret.expose(),
+                None,
+                None,
+                "blockfleet-config",
+            ));
+        }
+        (None, Ok(())) => {}
+        (None, Err(what)) => loader = loader.credentials_provider(NoCredentials(what)),
     }
     loader.load().await
 }

@@ -399,11 +399,17 @@ pub struct KmsClientConfig {
     pub endpoint: Option<String>,
     #[serde(default = "default_kms_region")]
     pub region: String,
-    /// This component's credentials; both or neither (then the usual AWS chain).
+    /// This component's credentials; both or neither (then none, unless
+    /// `credentials_from_environment`).
     #[serde(default)]
     pub access_key_id: Option<String>,
     #[serde(default)]
     pub secret_access_key: Option<Secret>,
+    /// Without credentials here, take them from the AWS environment (`AWS_*` variables,
+    /// profile, instance role). Off by default: a key-holding process reads no secret from its
+    /// environment unless told to.
+    #[serde(default)]
+    pub credentials_from_environment: bool,
 }
 
 fn default_kms_endpoint() -> Option<String> {
@@ -420,6 +426,7 @@ impl Default for KmsClientConfig {
             region: default_kms_region(),
             access_key_id: None,
             secret_access_key: None,
+            credentials_from_environment: false,
         }
     }
 }

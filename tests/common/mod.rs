@@ -474,6 +474,7 @@ secret_access_key = "host-secret-0123"
             region: "local".into(),
             access_key_id: Some(akid.into()),
             secret_access_key: Some(Secret::new(secret)),
+            credentials_from_environment: false,
         })
         .await
     }

@@ -120,6 +120,15 @@ impl Kms {
                 .access_key_id
                 .as_deref()
                 .zip(config.secret_access_key.as_ref()),
+            // A key-holding process takes no secret from its environment unless told to.
+            environment: if config.credentials_from_environment {
+                Ok(())
+            } else {
+                Err(
+                    "no KMS credentials in config (access_key_id, secret_access_key); set \
+                     credentials_from_environment = true to use the AWS environment's",
+                )
+            },
             max_attempts: 3,
             timeouts: aws_config::timeout::TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(3))
@@ -278,5 +287,23 @@ impl Kms {
                     .and_then(|m| m.get(VOLUME_CONTEXT_KEY).cloned()),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key-holding process with no KMS credentials in its config takes none from its
+    /// environment: every call fails before anything is sent, naming the setting.
+    #[tokio::test]
+    async fn no_credentials_from_the_environment_unless_asked() {
+        let kms = Kms::connect(&KmsClientConfig {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            ..Default::default()
+        })
+        .await;
+        let e = kms.create_key("x").await.unwrap_err().to_string();
+        assert!(e.contains("credentials_from_environment"), "{e}");
     }
 }

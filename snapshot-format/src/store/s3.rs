@@ -35,6 +35,8 @@ impl S3Store {
                 .access_key_id
                 .as_deref()
                 .zip(config.secret_access_key.as_ref()),
+            // Object-store credentials (no data keys) may come from the AWS environment.
+            environment: Ok(()),
             max_attempts: config.max_attempts,
             timeouts: TimeoutConfig::builder()
                 .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
