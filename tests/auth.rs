@@ -211,6 +211,21 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
         replicas: Vec::new(),
     };
     assert_eq!(refused(other_host.report_replicas(&report).await).0, 403);
+    // An authenticated caller asking for no action at all hears so.
+    let (status, body) = raw_post(
+        &addr,
+        "/v1/NoSuchAction",
+        &signed(
+            &addr,
+            "/v1/NoSuchAction",
+            b"{}",
+            ("AKUSER", "user-secret-0123"),
+            SystemTime::now(),
+        ),
+        b"{}",
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("InvalidAction"), "{body}");
     // What users see of a volume holds no wrapped key.
     let listed = serde_json::to_string(&user.describe_volumes(&[]).await.unwrap()).unwrap();
     assert!(!listed.contains("wrapped"), "{listed}");

@@ -18,11 +18,23 @@ pub fn follow_placement(
 ) -> tokio::task::JoinHandle<()> {
     let weak = Arc::downgrade(replicas);
     tokio::spawn(async move {
+        // A refusal (credentials, host) is an operator's problem: said once, not every second.
+        let mut refused = false;
         loop {
             tokio::time::sleep(every).await;
             let Some(r) = weak.upgrade() else { return };
             match cp.attach_info(r.volume()).await {
-                Ok(info) => r.set_members(&info.replicas, info.joining.as_deref()),
+                Ok(info) => {
+                    refused = false;
+                    r.set_members(&info.replicas, info.joining.as_deref());
+                }
+                Err(e) if matches!(e.code(), Some("AuthFailure" | "AccessDenied")) => {
+                    if !refused {
+                        tracing::warn!(volume = %r.volume(), error = %e, "the control plane refuses this host agent: placement not followed");
+                    }
+                    refused = true;
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!(volume = %r.volume(), error = %e, "placement not refreshed");
                     continue;
