@@ -148,10 +148,9 @@ fn main() {
             ));
         }
         let v = VolumeId::generate();
-        clients[0]
-            .authorize_admin(&key, "bench")
-            .await
-            .expect("authorize");
+        for c in &clients {
+            c.authorize_admin(&key, "bench").await.expect("authorize");
+        }
         clients[0]
             .create_volume(&v, SIZE, false)
             .await

@@ -101,9 +101,21 @@ fn main() {
                 c.create_volume(&v, SIZE, false).await.expect("create");
             }
             let rv = Arc::new(
-                ReplicatedVolume::open(v, &addrs[..replicas], Duration::from_secs(5))
-                    .await
-                    .expect("open"),
+                ReplicatedVolume::open(
+                    v.clone(),
+                    &addrs[..replicas],
+                    Duration::from_secs(5),
+                    Some(blockfleet_proto::Grant::issue(
+                        &key,
+                        Some(&v),
+                        blockfleet_proto::wire::rights::READ
+                            | blockfleet_proto::wire::rights::WRITE,
+                        "bench",
+                        Duration::from_secs(3600),
+                    )),
+                )
+                .await
+                .expect("open"),
             );
             // Laid out first so both runs overwrite allocated blocks.
             drive(&rv, 1 << 20, 4, false, secs).await;

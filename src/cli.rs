@@ -133,6 +133,11 @@ pub enum Command {
         /// served unencrypted.
         #[arg(long, requires = "block_server")]
         wrapped_key: Option<String>,
+        /// With --block-server: make the block-protocol capability under this key file (the
+        /// block servers'; for tests and drills without a control plane, which otherwise
+        /// hands the capability out with the attachment).
+        #[arg(long, requires = "block_server")]
+        block_token_key_file: Option<PathBuf>,
         /// NBD listen address; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:10809")]
         listen: String,

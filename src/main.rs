@@ -66,16 +66,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             replica_timeout_ms,
             volume,
             wrapped_key,
+            block_token_key_file,
             listen,
             metrics_listen,
         } => {
             let volume: blockfleet_core::ids::VolumeId = volume.parse()?;
+            let block_grant = match &block_token_key_file {
+                Some(path) => Some(blockfleet_proto::Grant::issue(
+                    &blockfleet_core::token::TokenKey::load_or_create(path)?,
+                    Some(&volume),
+                    blockfleet_proto::wire::rights::READ | blockfleet_proto::wire::rights::WRITE,
+                    "host-agent",
+                    std::time::Duration::from_secs(3600),
+                )),
+                None => None,
+            };
             let target = match block_server.is_empty() {
                 false => services::AttachTarget {
                     replicas: block_server,
                     wrapped_key,
                     fetch_endpoints: Vec::new(),
                     fetch_token: None,
+                    block_grant,
                     control_plane: None,
                     replica_timeout: std::time::Duration::from_millis(replica_timeout_ms),
                 },

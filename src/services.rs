@@ -175,6 +175,8 @@ pub struct AttachTarget {
     pub fetch_endpoints: Vec<String>,
     /// The capability transform workers take for on-demand fetches of this volume.
     pub fetch_token: Option<String>,
+    /// The block-protocol capability presented to every replica.
+    pub block_grant: Option<blockfleet_proto::Grant>,
     /// Asked again for transform workers when none answers.
     pub control_plane: Option<ControlPlaneClient>,
 }
@@ -197,6 +199,7 @@ pub async fn attach_target(
         wrapped_key: info.wrapped_key,
         fetch_endpoints: info.fetch_endpoints,
         fetch_token: info.fetch_token,
+        block_grant: info.block_grant,
         control_plane: Some(cp),
     })
 }
@@ -231,6 +234,7 @@ pub async fn attach(
             volume.clone(),
             &target.replicas,
             target.replica_timeout,
+            target.block_grant.clone(),
         )
         .await
         .with_context(|| format!("cannot open {volume} on {}", target.replicas.join(", ")))?,

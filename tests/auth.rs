@@ -237,6 +237,45 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
     let info = f.host_cp.attach_info(&v.volume_id).await.unwrap();
     let wrapped = info.wrapped_key.clone().expect("an encrypted volume's key");
 
+    // Block servers: a connection without a capability reads, writes and deletes nothing; the
+    // attached host's capability opens its volume only.
+    let other = user
+        .create_volume(&CreateVolumeRequest {
+            size: Some(8 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    let bs = blockfleet_proto::BlockClient::connect(&v.placement[0])
+        .await
+        .unwrap();
+    let denied = |e: blockfleet_proto::ClientError| {
+        assert_eq!(
+            e.code(),
+            Some(blockfleet_proto::ErrorCode::AccessDenied),
+            "{e}"
+        )
+    };
+    denied(bs.read(&v.volume_id, 0, 4096).await.unwrap_err());
+    denied(
+        bs.write(&v.volume_id, 0, vec![1u8; 4096].into(), true)
+            .await
+            .unwrap_err(),
+    );
+    denied(bs.delete_volume(&v.volume_id).await.unwrap_err());
+    let grant = info
+        .block_grant
+        .clone()
+        .expect("a block capability with the attachment");
+    bs.authorize(&grant).await.unwrap();
+    assert_eq!(bs.read(&v.volume_id, 0, 4096).await.unwrap().len(), 4096);
+    denied(bs.read(&other.volume_id, 0, 4096).await.unwrap_err());
+    denied(bs.delete_volume(&v.volume_id).await.unwrap_err());
+    let mut moved = grant.clone();
+    moved.volume = Some(other.volume_id.clone());
+    denied(bs.authorize(&moved).await.unwrap_err());
+
     // The transform worker decrypts for nobody but the control plane.
     let worker = f.transform.as_ref().unwrap().addr.clone();
     let tf = JsonClient::new(&worker, Duration::from_secs(10));

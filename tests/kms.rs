@@ -444,6 +444,8 @@ async fn attach_needs_a_grant_and_serves_nbd() {
             volume.to_string(),
             "--wrapped-key".into(),
             wrapped.to_owned(),
+            "--block-token-key-file".into(),
+            dir.path().join("block-token.key").display().to_string(),
             "--listen".into(),
             "127.0.0.1:0".into(),
         ]

@@ -57,6 +57,7 @@ async fn start_agent(
     bs_addr: &str,
     volume: &VolumeId,
     key: &[u8],
+    key_file: &std::path::Path,
 ) -> (
     String,
     oneshot::Sender<()>,
@@ -67,6 +68,7 @@ async fn start_agent(
         volume.clone(),
         &[bs_addr.to_owned()],
         std::time::Duration::from_secs(5),
+        Some(common::rw_grant(key_file, volume)),
     )
     .await
     .unwrap();
@@ -95,7 +97,8 @@ impl Rig {
             .create_volume(&volume, SIZE, false)
             .await
             .unwrap();
-        let (uri, agent_stop, agent_task, agent) = start_agent(&bs_addr, &volume, key).await;
+        let (uri, agent_stop, agent_task, agent) =
+            start_agent(&bs_addr, &volume, key, &dir.path().join("block-token.key")).await;
         Rig {
             agent,
             bs_addr,
@@ -116,7 +119,9 @@ impl Rig {
         self.bs_stop.take().unwrap().send(()).unwrap();
         self.bs_task.take().unwrap().await.unwrap();
         let (bs_addr, bs_stop, bs_task) = start_block_server(self.dir.path()).await;
-        let (uri, agent_stop, agent_task, agent) = start_agent(&bs_addr, &self.volume, key).await;
+        let key_file = self.dir.path().join("block-token.key");
+        let (uri, agent_stop, agent_task, agent) =
+            start_agent(&bs_addr, &self.volume, key, &key_file).await;
         self.agent = agent;
         (self.bs_addr, self.bs_stop, self.bs_task) = (bs_addr, Some(bs_stop), Some(bs_task));
         (self.uri, self.agent_stop, self.agent_task) = (uri, Some(agent_stop), Some(agent_task));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use blockfleet_core::ids::InstanceId;
 use blockfleet_host_agent::AgentVolume;
-use blockfleet_proto::{BlockClient, ClientError};
+use blockfleet_proto::ClientError;
 use blockfleet_volume_client::Health;
 use common::{Fleet, FleetOptions};
 
@@ -156,7 +156,7 @@ async fn check_replicas_on(
     let id = volume.parse().unwrap();
     let mut ciphertexts = Vec::new();
     for &i in servers {
-        let c = BlockClient::connect(f.block_server_addr(i)).await.unwrap();
+        let c = common::admin_block_client(f.block_server_addr(i), &f.block_key_file()).await;
         let mut all = Vec::new();
         for at in (0..SIZE).step_by(4 << 20) {
             all.extend_from_slice(&c.read(&id, at, 4 << 20).await.unwrap());

@@ -192,6 +192,10 @@ pub struct AttachInfo {
     /// of this volume (header `x-blockfleet-token`); short-lived: ask again when refused.
     #[serde(default)]
     pub fetch_token: Option<String>,
+    /// The block-protocol capability (read and write this volume) the host agent presents to
+    /// each replica's block server.
+    #[serde(default)]
+    pub block_grant: Option<blockfleet_proto::Grant>,
     /// A block server being filled to take over from one of `replicas` (a drain): the host
     /// agent writes to it too, and reports when it is in sync.
     #[serde(default)]
@@ -417,6 +421,10 @@ pub struct Job {
     pub source_volume: Option<SourceVolume>,
     pub targets: Vec<JobTarget>,
     pub attempt: u32,
+    /// Block-protocol capabilities for the job: read and hydrate each target, read the source
+    /// volume.
+    #[serde(default)]
+    pub block_grants: Vec<blockfleet_proto::Grant>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

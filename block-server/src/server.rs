@@ -2,20 +2,23 @@
 //! decodes frames and runs each request as its own task (at most `max_inflight_per_connection`
 //! at once), and a writer that sends replies in completion order.
 //!
-//! Admin requests (create, delete, pause, mark, resume, release a mark) need the connection to
-//! have presented an admin capability (`Authorize`) the control plane issued under the block
-//! token key; without, they get `AccessDenied` and change nothing.
+//! Every request on a volume needs the connection to have presented a capability (`Authorize`)
+//! the control plane issued under the block token key, for that volume (or every volume) with
+//! the right the request takes (`Request::needs`); without, it gets `AccessDenied` and changes
+//! nothing. A capability is checked when presented and kept for the connection's life.
 //!
 //! Bad input: a frame that decodes wrongly gets a typed error reply and the connection goes on;
 //! a frame whose length is over the limit, or one too short to hold a request id, loses the
 //! framing, so the connection is closed. Other connections never notice.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use blockfleet_core::ids::VolumeId;
 use blockfleet_core::token::TokenKey;
-use blockfleet_proto::wire::ADMIN_CAPABILITY;
+use blockfleet_proto::wire::{capability_subject, CAPABILITY};
 use blockfleet_proto::wire::{
     check_frame_len, decode_hello, encode_hello, encode_response, DecodeError,
 };
@@ -106,18 +109,17 @@ pub async fn serve(
     while conns.join_next().await.is_some() {}
 }
 
-/// Requests only a holder of an admin capability may make.
-fn needs_admin(req: &Request) -> bool {
-    matches!(
-        req,
-        Request::CreateVolume { .. }
-            | Request::DeleteVolume { .. }
-            | Request::Pause { .. }
-            | Request::Mark { .. }
-            | Request::Resume { .. }
-            | Request::MarkResume { .. }
-            | Request::ReleaseMark { .. }
-    )
+/// The rights a connection holds: on every volume, and per volume.
+#[derive(Default)]
+struct Rights {
+    all: u8,
+    volumes: HashMap<VolumeId, u8>,
+}
+
+impl Rights {
+    fn allows(&self, volume: &VolumeId, mask: u8) -> bool {
+        (self.all | self.volumes.get(volume).copied().unwrap_or(0)) & mask != 0
+    }
 }
 
 async fn connection(
@@ -174,8 +176,8 @@ async fn connection(
         let _ = w.flush().await;
     });
 
-    // Set by a valid Authorize; kept until the connection closes.
-    let mut admin: Option<String> = None;
+    // Granted by valid Authorize requests; kept until the connection closes.
+    let mut granted = Rights::default();
     let permits = Arc::new(Semaphore::new(max_inflight.max(1)));
     let mut tasks = JoinSet::new();
     let outcome = loop {
@@ -203,12 +205,24 @@ async fn connection(
             }
         };
         // Answered in order, so requests after an Authorize see its outcome.
-        let refused = match &req {
-            Request::Authorize { holder, token } => {
-                match key.check(Some(token), ADMIN_CAPABILITY, holder, SystemTime::now()) {
+        let refused = match (&req, req.needs()) {
+            (
+                Request::Authorize {
+                    volume,
+                    rights,
+                    holder,
+                    token,
+                },
+                _,
+            ) => {
+                let subject = capability_subject(volume.as_ref(), *rights, holder);
+                match key.check(Some(token), CAPABILITY, &subject, SystemTime::now()) {
                     Ok(()) => {
-                        tracing::debug!(holder, "connection authorized as admin");
-                        admin = Some(holder.clone());
+                        tracing::debug!(holder, ?volume, rights, "capability accepted");
+                        match volume {
+                            Some(v) => *granted.volumes.entry(v.clone()).or_default() |= rights,
+                            None => granted.all |= rights,
+                        }
                         Some(Ok(Response::Done))
                     }
                     Err(e) => {
@@ -220,11 +234,12 @@ async fn connection(
                     }
                 }
             }
-            r if needs_admin(r) && admin.is_none() => Some(Err((
+            (_, Some((volume, mask))) if !granted.allows(volume, mask) => Some(Err((
                 ErrorCode::AccessDenied,
-                "creating, deleting, pausing and marking volumes needs an admin capability \
-                 from the control plane (Authorize)"
-                    .to_owned(),
+                format!(
+                    "{volume}: this connection holds no capability for this request \
+                     (Authorize with one from the control plane)"
+                ),
             ))),
             _ => None,
         };

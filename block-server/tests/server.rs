@@ -839,61 +839,102 @@ async fn versions_reset_put_chunk_and_mark_ids() {
     );
 }
 
-/// Admin requests need a capability the control plane issued under the server's key: without
-/// one, with a forged one, or with one for another holder, they are refused and change nothing;
-/// data requests on a volume need none (yet).
+/// Every request on a volume needs a capability the control plane issued under the server's
+/// key, for that volume (or all) with the right the request takes: without one, with a forged
+/// one, one for another holder, volume or rights, or an expired one, it is refused and changes
+/// nothing.
 #[tokio::test]
-async fn admin_requests_need_a_capability() {
+async fn requests_need_a_capability_for_their_volume_and_right() {
+    use blockfleet_proto::wire::rights::{ADMIN, READ, WRITE};
+    use blockfleet_proto::Grant;
     let s = Server::start().await;
     let admin = s.client().await;
-    let v = vol();
+    let (v, other) = (vol(), VolumeId::generate());
     admin.create_volume(&v, 2 * CHUNK, false).await.unwrap();
-    let c = s.plain_client().await;
+    admin.create_volume(&other, CHUNK, false).await.unwrap();
+    let unit = || Bytes::from(vec![5u8; SECTOR as usize]);
     let denied = |r: Result<(), blockfleet_proto::ClientError>| {
         assert_eq!(r.unwrap_err().code(), Some(ErrorCode::AccessDenied));
     };
+    let c = s.plain_client().await;
     denied(c.create_volume(&vol(), CHUNK, false).await);
     denied(c.delete_volume(&v).await);
     denied(c.pause(&v).await);
-    denied(c.resume(&v).await);
-    denied(c.release_mark(&v, 1).await);
+    denied(c.write(&v, 0, unit(), false).await);
+    denied(c.flush(&v).await);
+    assert_eq!(
+        c.read(&v, 0, 4096).await.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied)
+    );
+    assert_eq!(
+        c.stat_volume(&v).await.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied)
+    );
     assert_eq!(
         c.mark(&v, 0).await.unwrap_err().code(),
         Some(ErrorCode::AccessDenied)
     );
+    // Forged (another key), another holder, other rights, expired: refused.
+    let key = s.key();
+    let ttl = Duration::from_secs(60);
+    let forged = TokenKey::from_bytes([3; 32]);
+    denied(
+        c.authorize(&Grant::issue(&forged, Some(&v), READ, "mallory", ttl))
+            .await,
+    );
+    let mut stolen = Grant::issue(&key, Some(&v), READ, "host-a", ttl);
+    stolen.holder = "mallory".into();
+    denied(c.authorize(&stolen).await);
+    let mut widened = Grant::issue(&key, Some(&v), READ, "host-a", ttl);
+    widened.rights = READ | WRITE;
+    denied(c.authorize(&widened).await);
+    let mut moved = Grant::issue(&key, Some(&v), READ, "host-a", ttl);
+    moved.volume = Some(other.clone());
+    denied(c.authorize(&moved).await);
+    let mut everywhere = Grant::issue(&key, Some(&v), READ, "host-a", ttl);
+    everywhere.volume = None;
+    denied(c.authorize(&everywhere).await);
+    let expired = Grant {
+        token: key.issue(
+            blockfleet_proto::wire::CAPABILITY,
+            &blockfleet_proto::wire::capability_subject(Some(&v), READ, "host-a"),
+            std::time::SystemTime::now() - Duration::from_secs(3600),
+            ttl,
+        ),
+        ..Grant::issue(&key, Some(&v), READ, "host-a", ttl)
+    };
+    denied(c.authorize(&expired).await);
     assert_eq!(
-        c.mark_resume(&v, 0).await.unwrap_err().code(),
+        c.read(&v, 0, 4096).await.unwrap_err().code(),
         Some(ErrorCode::AccessDenied)
     );
-    // Forged (another key), for another holder, expired: refused, and the connection stays plain.
-    let forged = TokenKey::from_bytes([3; 32]);
-    denied(c.authorize_admin(&forged, "mallory").await);
-    let now = std::time::SystemTime::now();
-    let theirs = s.key().issue(
-        blockfleet_proto::wire::ADMIN_CAPABILITY,
-        "control-plane",
-        now,
-        Duration::from_secs(60),
-    );
-    denied(c.authorize("mallory", &theirs).await);
-    let old = s.key().issue(
-        blockfleet_proto::wire::ADMIN_CAPABILITY,
-        "control-plane",
-        now - Duration::from_secs(3600),
-        Duration::from_secs(60),
-    );
-    denied(c.authorize("control-plane", &old).await);
-    denied(c.delete_volume(&v).await);
-    // Nothing changed: the volume is there, data requests still work.
-    c.write(&v, 0, Bytes::from(vec![5u8; SECTOR as usize]), false)
+    // Read on v: reads v, writes nothing, reaches no other volume.
+    c.authorize(&Grant::issue(&key, Some(&v), READ, "host-a", ttl))
         .await
         .unwrap();
+    assert_eq!(c.read(&v, 0, 4096).await.unwrap().len(), 4096);
+    denied(c.write(&v, 0, unit(), false).await);
     assert_eq!(
-        &c.read(&v, 0, SECTOR as u32).await.unwrap()[..],
-        &[5u8; SECTOR as usize][..]
+        c.read(&other, 0, 4096).await.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied)
     );
-    assert_eq!(admin.stat_volume(&v).await.unwrap().size, 2 * CHUNK);
-    // The right capability makes the same connection an admin one.
-    c.authorize("control-plane", &theirs).await.unwrap();
-    c.delete_volume(&v).await.unwrap();
+    // Write on v: writes v; still no admin request.
+    c.authorize(&Grant::issue(&key, Some(&v), READ | WRITE, "host-a", ttl))
+        .await
+        .unwrap();
+    c.write(&v, 0, unit(), false).await.unwrap();
+    c.flush(&v).await.unwrap();
+    denied(c.delete_volume(&v).await);
+    denied(c.write(&other, 0, unit(), false).await);
+    // Nothing the refusals touched changed.
+    assert_eq!(&admin.read(&v, 0, 4096).await.unwrap()[..], &unit()[..]);
+    assert_eq!(
+        &admin.read(&other, 0, 4096).await.unwrap()[..],
+        &[0u8; 4096][..]
+    );
+    // Admin on every volume makes the same connection an admin one.
+    c.authorize(&Grant::issue(&key, None, ADMIN, "control-plane", ttl))
+        .await
+        .unwrap();
+    c.delete_volume(&other).await.unwrap();
 }

@@ -26,6 +26,8 @@ pub fn follow_placement(
             match cp.attach_info(r.volume()).await {
                 Ok(info) => {
                     refused = false;
+                    // A fresh capability for the connections repairs open from now on.
+                    r.set_grant(info.block_grant);
                     r.set_members(&info.replicas, info.joining.as_deref());
                 }
                 Err(e) if matches!(e.code(), Some("AuthFailure" | "AccessDenied")) => {

@@ -3,7 +3,9 @@
 
 use blockfleet_core::token::TokenKey;
 
-/// How long an admin capability may wait before it is presented (it is checked once, when
+use crate::grant::Grant;
+
+/// How long a capability the client issues itself may wait before it is presented (it is checked once, when
 /// presented; the connection keeps the right until it closes).
 pub const ADMIN_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -247,26 +249,15 @@ impl BlockClient {
     }
 
     /// Presents a capability for this connection (see [`Request::Authorize`]).
-    pub async fn authorize(&self, holder: &str, token: &str) -> Result<(), ClientError> {
-        self.done(
-            Request::Authorize {
-                holder: holder.to_owned(),
-                token: token.to_owned(),
-            },
-            "Authorize",
-        )
-        .await
+    pub async fn authorize(&self, grant: &Grant) -> Result<(), ClientError> {
+        self.done(grant.to_request(), "Authorize").await
     }
 
-    /// Issues an admin capability under `key` (the control plane's, or a test's) and presents it.
+    /// Issues a capability for every right on every volume under `key` (the control plane's,
+    /// or a test's) and presents it.
     pub async fn authorize_admin(&self, key: &TokenKey, holder: &str) -> Result<(), ClientError> {
-        let token = key.issue(
-            crate::wire::ADMIN_CAPABILITY,
-            holder,
-            std::time::SystemTime::now(),
-            ADMIN_TOKEN_TTL,
-        );
-        self.authorize(holder, &token).await
+        let grant = Grant::issue(key, None, crate::wire::rights::ALL, holder, ADMIN_TOKEN_TTL);
+        self.authorize(&grant).await
     }
 
     pub async fn create_volume(

@@ -5,11 +5,14 @@
 //! - [`client`]: a pipelined client: many requests in flight on one connection, answered out of
 //!   order and matched by request id.
 //! - [`pool`]: one shared connection per block server.
+//! - [`grant`]: capabilities a client presents so a block server lets it act on a volume.
 
 pub mod client;
+pub mod grant;
 pub mod pool;
 pub mod wire;
 
 pub use client::{BlockClient, ClientError};
+pub use grant::Grant;
 pub use pool::BlockPool;
 pub use wire::{ChunkInfo, ErrorCode, Request, Response, VolumeStat, PROTOCOL_VERSION};

@@ -43,6 +43,19 @@ pub async fn admin_block_client(addr: &str, key_file: &Path) -> blockfleet_proto
     c
 }
 
+/// A host agent's capability (read and write `volume`) under the key in `key_file`.
+pub fn rw_grant(key_file: &Path, volume: &VolumeId) -> blockfleet_proto::Grant {
+    use blockfleet_proto::wire::rights::{READ, WRITE};
+    let key = blockfleet_core::token::TokenKey::load_or_create(key_file).unwrap();
+    blockfleet_proto::Grant::issue(
+        &key,
+        Some(volume),
+        READ | WRITE,
+        "test-agent",
+        Duration::from_secs(3600),
+    )
+}
+
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_blockfleet"))
 }
@@ -123,6 +136,11 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// The block servers' token key (the control plane signs block capabilities with it).
+    pub fn block_key_file(&self) -> PathBuf {
+        self.dir.path().join("block-token.key")
+    }
+
     /// `host:port` of the control plane's API.
     pub fn control_plane_addr(&self) -> &str {
         &self.control_plane.addr
@@ -374,9 +392,14 @@ secret_access_key = "host-secret-0123"
             )
         });
         let replicas = Arc::new(
-            ReplicatedVolume::open(volume.clone(), &info.replicas, Duration::from_secs(1))
-                .await
-                .unwrap(),
+            ReplicatedVolume::open(
+                volume.clone(),
+                &info.replicas,
+                Duration::from_secs(1),
+                info.block_grant.clone(),
+            )
+            .await
+            .unwrap(),
         );
         replicas.spawn_repair(Duration::from_millis(200));
         AgentVolume::open(replicas, xts, fetcher)

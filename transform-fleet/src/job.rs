@@ -137,6 +137,10 @@ impl JobContext {
         pool: &BlockPool,
         metrics: Arc<Metrics>,
     ) -> Result<Self, JobError> {
+        // The block servers serve this job's volumes to connections holding its capabilities.
+        for g in &job.block_grants {
+            pool.grant(g.clone()).await;
+        }
         let (source, source_xts) = match &job.source {
             JobSource::Snapshot { snapshot_id } => {
                 let manifest = archive

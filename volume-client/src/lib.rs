@@ -35,7 +35,7 @@ use blockfleet_core::ids::VolumeId;
 use blockfleet_core::units::CHUNK;
 
 use blockfleet_proto::wire::{ErrorCode, Request, Response, MAX_CHUNK_LIST};
-use blockfleet_proto::{BlockClient, ClientError};
+use blockfleet_proto::{BlockClient, ClientError, Grant};
 
 mod io;
 mod marks;
@@ -121,6 +121,8 @@ pub struct ReplicatedVolume {
     /// Versions at a mark per member (`None`: the member lacks the mark), for reads at marks.
     mark_versions: Mutex<Option<(u64, MarkVersions)>>,
     pub metrics: ReplicaMetrics,
+    /// Presented on connections opened here (see `set_grant`).
+    grant: Mutex<Option<Grant>>,
 }
 
 /// Whether an error means the replica, not the request, is at fault.
@@ -138,9 +140,21 @@ fn lost(addr: &str, reason: &str) -> ClientError {
     }
 }
 
-async fn connect(addr: &str, timeout: Duration) -> Result<Arc<BlockClient>, ClientError> {
-    match tokio::time::timeout(timeout, BlockClient::connect(addr)).await {
-        Ok(r) => r.map(Arc::new),
+/// Connects to a replica and presents `grant` (the volume's capability), within `timeout`.
+async fn connect(
+    addr: &str,
+    timeout: Duration,
+    grant: Option<&Grant>,
+) -> Result<Arc<BlockClient>, ClientError> {
+    let work = async {
+        let c = BlockClient::connect(addr).await?;
+        if let Some(g) = grant {
+            c.authorize(g).await?;
+        }
+        Ok(Arc::new(c))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
         Err(_) => Err(lost(addr, "connect timed out")),
     }
 }
@@ -181,7 +195,18 @@ impl ReplicatedVolume {
             repairing: tokio::sync::Mutex::new(()),
             mark_versions: Mutex::new(None),
             metrics: ReplicaMetrics::default(),
+            grant: Mutex::new(None),
         }
+    }
+
+    /// The capability presented on connections this replica set opens itself (rejoins); the
+    /// host agent renews it from AttachInfo.
+    pub fn set_grant(&self, grant: Option<Grant>) {
+        *self.grant.lock().unwrap_or_else(|p| p.into_inner()) = grant;
+    }
+
+    fn grant(&self) -> Option<Grant> {
+        self.grant.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A replica set of a volume of `size` bytes over connections the caller holds (`Err`:
@@ -223,8 +248,9 @@ impl ReplicatedVolume {
         volume: VolumeId,
         addrs: &[String],
         timeout: Duration,
+        grant: Option<Grant>,
     ) -> Result<Self, ClientError> {
-        let conns = join_all(addrs.iter().map(|a| connect(a, timeout))).await;
+        let conns = join_all(addrs.iter().map(|a| connect(a, timeout, grant.as_ref()))).await;
         let mut size = None;
         for c in conns.iter().flatten() {
             match tokio::time::timeout(timeout, c.stat_volume(&volume)).await {
@@ -238,6 +264,7 @@ impl ReplicatedVolume {
         }
         let clients: Vec<_> = addrs.iter().cloned().zip(conns).collect();
         let rv = Self::from_clients(volume, clients, size.unwrap_or(0), timeout);
+        rv.set_grant(grant);
         if size.is_none() {
             return Err(rv.quorum_error(0, "no replica answered"));
         }

@@ -36,7 +36,7 @@ impl ReplicatedVolume {
             .map(|(i, m)| (i, m.addr.clone()))
             .collect();
         for (i, addr) in out {
-            let Ok(c) = connect(&addr, self.timeout).await else {
+            let Ok(c) = connect(&addr, self.timeout, self.grant().as_ref()).await else {
                 continue;
             };
             if let Err(e) = self.rejoin(i, c).await {

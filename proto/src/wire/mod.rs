@@ -17,8 +17,9 @@
 //!   picks), `ReadMark` of mark 0 reads the live chunk, `ChunkInfo.last_epoch`,
 //!   `ChunkVersions`, `ResetChunks`, `PutChunk` and the `VersionMismatch` error; hydration no
 //!   longer bumps a chunk's generation (it sets `hydrated`).
-//! - V4: `Authorize` (a control-plane capability for the connection) and the `AccessDenied`
-//!   error: volume create and delete, pause, marks and resume need an admin capability.
+//! - V4: `Authorize` (a control-plane capability for the connection: a volume or all, and
+//!   rights) and the `AccessDenied` error: every request on a volume needs a capability with
+//!   the right it takes ([`rights`]).
 //!
 //! Every decoder is total: any byte string yields a message or a [`DecodeError`], never a panic.
 
@@ -215,16 +216,67 @@ pub enum Request {
         data: Bytes,
     },
     /// Presents a capability the control plane issued to `holder` (`blockfleet_core::token`,
-    /// purpose [`ADMIN_CAPABILITY`]): until it expires, this connection may create and delete
-    /// volumes, pause, mark and resume them.
+    /// purpose [`CAPABILITY`], subject [`capability_subject`]): from then on this connection
+    /// has `rights` on `volume` (`None`: on every volume). Checked when presented.
     Authorize {
+        volume: Option<VolumeId>,
+        rights: u8,
         holder: String,
         token: String,
     },
 }
 
-/// The token purpose of an admin capability on the block protocol.
-pub const ADMIN_CAPABILITY: &str = "block-admin";
+/// What a capability allows, as bits.
+pub mod rights {
+    /// StatVolume, Read, ChunkState, ReadMark, ListChangedChunks, UnhydratedChunks, ChunkVersions.
+    pub const READ: u8 = 1;
+    /// Write, Flush, ResetChunks, PutChunk (a volume's writer, and its repair).
+    pub const WRITE: u8 = 2;
+    /// WriteIfUnwritten and Flush (hydration: never over a user's write).
+    pub const HYDRATE: u8 = 4;
+    /// CreateVolume, DeleteVolume, Pause, Mark, Resume, MarkResume, ReleaseMark.
+    pub const ADMIN: u8 = 8;
+    pub const ALL: u8 = READ | WRITE | HYDRATE | ADMIN;
+}
+
+/// The token purpose of a block-protocol capability.
+pub const CAPABILITY: &str = "block";
+
+/// What a capability's token covers: the volume (or `*`), the rights and the holder.
+pub fn capability_subject(volume: Option<&VolumeId>, rights: u8, holder: &str) -> String {
+    format!("{}:{rights}:{holder}", volume.map_or("*", |v| v.as_str()))
+}
+
+impl Request {
+    /// The volume a request acts on and the rights that allow it (any one bit of the mask);
+    /// `None` for `Authorize`, which needs none.
+    pub fn needs(&self) -> Option<(&VolumeId, u8)> {
+        use rights::*;
+        use Request::*;
+        Some(match self {
+            CreateVolume { volume, .. }
+            | DeleteVolume { volume }
+            | Pause { volume }
+            | Mark { volume, .. }
+            | Resume { volume }
+            | MarkResume { volume, .. }
+            | ReleaseMark { volume, .. } => (volume, ADMIN),
+            StatVolume { volume }
+            | Read { volume, .. }
+            | ChunkState { volume, .. }
+            | ReadMark { volume, .. }
+            | ListChangedChunks { volume, .. }
+            | UnhydratedChunks { volume, .. }
+            | ChunkVersions { volume, .. } => (volume, READ | ADMIN),
+            Write { volume, .. } | ResetChunks { volume, .. } | PutChunk { volume, .. } => {
+                (volume, WRITE | ADMIN)
+            }
+            WriteIfUnwritten { volume, .. } => (volume, HYDRATE | ADMIN),
+            Flush { volume } => (volume, WRITE | HYDRATE | ADMIN),
+            Authorize { .. } => return None,
+        })
+    }
+}
 /// Longest `holder` or `token` of an `Authorize`.
 pub const MAX_AUTH_FIELD: usize = 256;
 

@@ -187,8 +187,21 @@ impl Request {
                 put_chunk_info(&mut b, info);
                 b.put_u32_le(data.len() as u32);
             }
-            Request::Authorize { holder, token } => {
+            Request::Authorize {
+                volume,
+                rights,
+                holder,
+                token,
+            } => {
                 b.put_u8(op::AUTHORIZE);
+                match volume {
+                    Some(v) => {
+                        b.put_u8(1);
+                        put_volume(&mut b, v);
+                    }
+                    None => b.put_u8(0),
+                }
+                b.put_u8(*rights);
                 put_string(&mut b, holder);
                 put_string(&mut b, token);
             }
@@ -295,6 +308,11 @@ impl Request {
                 chunks: u64_list(&mut r, MAX_CHUNK_LIST)?,
             },
             op::AUTHORIZE => Request::Authorize {
+                volume: match r.bool("volume")? {
+                    true => Some(r.volume()?),
+                    false => None,
+                },
+                rights: r.u8()?,
                 holder: r.string("holder", MAX_AUTH_FIELD)?,
                 token: r.string("token", MAX_AUTH_FIELD)?,
             },

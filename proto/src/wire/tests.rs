@@ -74,7 +74,15 @@ fn all_requests() -> Vec<Request> {
             chunk: 5,
         },
         Request::Authorize {
+            volume: None,
+            rights: rights::ALL,
             holder: "control-plane".into(),
+            token: "1767225600.00ff".into(),
+        },
+        Request::Authorize {
+            volume: Some(v.clone()),
+            rights: rights::READ | rights::WRITE,
+            holder: "host-local".into(),
             token: "1767225600.00ff".into(),
         },
         Request::ListChangedChunks {
@@ -232,6 +240,8 @@ proptest! {
 fn authorize_fields_are_bounded() {
     let long = "x".repeat(MAX_AUTH_FIELD + 1);
     let frame = Request::Authorize {
+        volume: None,
+        rights: rights::READ,
         holder: long,
         token: "t".into(),
     }

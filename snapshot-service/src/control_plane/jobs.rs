@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
+use blockfleet_core::ids::VolumeId;
 use blockfleet_core::token;
+use blockfleet_proto::Grant;
 use std::sync::{Arc, Mutex};
 
 use blockfleet_api::{
@@ -81,12 +83,30 @@ impl ControlPlane {
                 })
             }
         };
+        use blockfleet_proto::wire::rights;
+        let grant = |v: &VolumeId, r: u8| {
+            Grant::issue(
+                &self.block_key,
+                Some(v),
+                r,
+                "transform",
+                super::BLOCK_GRANT_TTL,
+            )
+        };
+        let mut block_grants: Vec<Grant> = targets
+            .iter()
+            .map(|t| grant(&t.volume_id, rights::READ | rights::HYDRATE))
+            .collect();
+        if let Some(s) = &source_volume {
+            block_grants.push(grant(&s.volume_id, rights::READ));
+        }
         Ok(Job {
             job_id: j.id.clone(),
             source: j.source.clone(),
             source_volume,
             targets,
             attempt: j.attempts,
+            block_grants,
         })
     }
 
@@ -277,6 +297,13 @@ impl ControlPlane {
                 Vec::new()
             },
             joining: v.moving.as_ref().map(|(_, to)| to.clone()),
+            block_grant: Some(Grant::issue(
+                &self.block_key,
+                Some(&v.id),
+                blockfleet_proto::wire::rights::READ | blockfleet_proto::wire::rights::WRITE,
+                &caller.name,
+                super::BLOCK_GRANT_TTL,
+            )),
             fetch_token: Some(self.token_key.issue(
                 token::FETCH,
                 v.id.as_str(),

@@ -123,7 +123,13 @@ pub(crate) struct ControlPlane {
     ebs: ebs::EbsState,
     /// Signs requests to transform workers and host agents' fetch capabilities.
     token_key: TokenKey,
+    /// Signs block-protocol capabilities (the block servers' key).
+    block_key: Arc<TokenKey>,
 }
+
+/// How long a block-protocol capability handed out may wait before it is presented (it is
+/// checked then, and holds for that connection's life; holders ask again for new connections).
+pub(crate) const BLOCK_GRANT_TTL: Duration = Duration::from_secs(3600);
 
 /// How long a fetch capability handed out with AttachInfo lasts (the host agent asks again).
 pub(crate) const FETCH_TOKEN_TTL: Duration = Duration::from_secs(600);
@@ -240,6 +246,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ControlPlaneError> {
+    let block_key = Arc::new(block_key);
     config
         .validate()
         .map_err(|e| ControlPlaneError::Config(e.to_string()))?;
@@ -252,7 +259,8 @@ pub async fn run(
         config,
         state,
         archive,
-        blocks: BlockPool::with_admin(Arc::new(block_key), "control-plane"),
+        blocks: BlockPool::with_admin(Arc::clone(&block_key), "control-plane"),
+        block_key,
         changes: tokio::sync::Mutex::new(()),
         workers: jobs::Workers::default(),
         gc: coordinator::ChunkGc::default(),

@@ -308,7 +308,14 @@ impl ControlPlane {
             }
         } else {
             // Nobody writes an unattached volume (attaching waits for the move): fill it here.
-            let r = ReplicatedVolume::open(id.clone(), &v.placement, REPLICA_TIMEOUT)
+            let grant = blockfleet_proto::Grant::issue(
+                &self.block_key,
+                Some(id),
+                blockfleet_proto::wire::rights::ALL,
+                "control-plane",
+                super::BLOCK_GRANT_TTL,
+            );
+            let r = ReplicatedVolume::open(id.clone(), &v.placement, REPLICA_TIMEOUT, Some(grant))
                 .await
                 .map_err(|e| replicas_error(&e))?;
             r.set_members(&v.placement, Some(&to));
