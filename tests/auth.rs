@@ -275,6 +275,26 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
     let mut moved = grant.clone();
     moved.volume = Some(other.volume_id.clone());
     denied(bs.authorize(&moved).await.unwrap_err());
+    // Detach: the host's connection loses the volume at once, its capability is no good on a
+    // new connection, and a new attachment brings a new one.
+    user.detach_volume(&v.volume_id).await.unwrap();
+    denied(bs.read(&v.volume_id, 0, 4096).await.unwrap_err());
+    let fresh = blockfleet_proto::BlockClient::connect(&v.placement[1])
+        .await
+        .unwrap();
+    denied(fresh.authorize(&grant).await.unwrap_err());
+    user.attach_volume(&AttachVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        instance_id: InstanceId::generate(),
+        device: None,
+        boot: false,
+        host: Some("host-local".into()),
+    })
+    .await
+    .unwrap();
+    let again = f.host_cp.attach_info(&v.volume_id).await.unwrap();
+    fresh.authorize(&again.block_grant.unwrap()).await.unwrap();
+    assert_eq!(fresh.read(&v.volume_id, 0, 4096).await.unwrap().len(), 4096);
 
     // The transform worker decrypts for nobody but the control plane.
     let worker = f.transform.as_ref().unwrap().addr.clone();

@@ -1,6 +1,7 @@
 //! `blockfleet-block-server`: the user-facing store of ciphertext blocks. It never holds, receives
 //! or persists a key: it stores bytes at offsets and tracks per-chunk state.
 //!
+//! - [`access`]: capabilities (`Authorize`), rights per connection, revocations.
 //! - [`config`]: the `[block_server]` section of the TOML config.
 //! - [`meta`]: the sled metadata store (volume registry, per-chunk state, mark epochs, clean flag).
 //! - [`volume`]: one volume: its sparse extent file, chunk state, pause gate, open mark and
@@ -11,6 +12,7 @@
 //!
 //! [`run`] serves a store on a listener until `shutdown` completes.
 
+pub mod access;
 pub mod config;
 pub mod meta;
 pub mod metrics;
@@ -55,10 +57,10 @@ pub async fn run(
     config
         .validate()
         .map_err(|e| BlockServerError::Config(e.to_string()))?;
-    let key = std::sync::Arc::new(
+    let access = std::sync::Arc::new(access::Access::new(
         blockfleet_core::token::TokenKey::load_or_create(&config.token_key_file)
             .map_err(|e| BlockServerError::Config(e.to_string()))?,
-    );
+    ));
     let store = std::sync::Arc::new(Store::open(&config)?);
     let metrics = match &config.metrics_listen {
         Some(addr) => {
@@ -68,7 +70,7 @@ pub async fn run(
         }
         None => None,
     };
-    server::serve(store.clone(), key, &config, listener, shutdown).await;
+    server::serve(store.clone(), access, &config, listener, shutdown).await;
     if let Some(m) = metrics {
         m.abort();
     }

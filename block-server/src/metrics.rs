@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::store::Store;
 
-pub const OPS: [&str; 20] = [
+pub const OPS: [&str; 21] = [
     "create_volume",
     "delete_volume",
     "stat_volume",
@@ -34,6 +34,7 @@ pub const OPS: [&str; 20] = [
     "reset_chunks",
     "put_chunk",
     "authorize",
+    "revoke",
 ];
 
 /// Index of a request's operation in [`OPS`].
@@ -59,6 +60,7 @@ pub fn op_index(req: &Request) -> usize {
         Request::ResetChunks { .. } => 17,
         Request::PutChunk { .. } => 18,
         Request::Authorize { .. } => 19,
+        Request::Revoke { .. } => 20,
     }
 }
 

@@ -11,24 +11,21 @@
 //! a frame whose length is over the limit, or one too short to hold a request id, loses the
 //! framing, so the connection is closed. Other connections never notice.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use blockfleet_core::ids::VolumeId;
-use blockfleet_core::token::TokenKey;
-use blockfleet_proto::wire::{capability_subject, CAPABILITY};
 use blockfleet_proto::wire::{
     check_frame_len, decode_hello, encode_hello, encode_response, DecodeError,
 };
-use blockfleet_proto::{ErrorCode, Request, Response, PROTOCOL_VERSION};
+use blockfleet_proto::{ErrorCode, Request, PROTOCOL_VERSION};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::access::Access;
 use crate::config::BlockServerConfig;
 use crate::store::Store;
 
@@ -72,7 +69,7 @@ fn decode_error_code(e: &DecodeError) -> ErrorCode {
 /// in-flight requests.
 pub async fn serve(
     store: Arc<Store>,
-    key: Arc<TokenKey>,
+    access: Arc<Access>,
     config: &BlockServerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
@@ -87,11 +84,11 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let store = Arc::clone(&store);
-                    let key = Arc::clone(&key);
+                    let access = Arc::clone(&access);
                     let stop = stop_rx.clone();
                     let inflight = config.max_inflight_per_connection;
                     conns.spawn(async move {
-                        if let Err(e) = connection(store, key, stream, stop, inflight).await {
+                        if let Err(e) = connection(store, access, stream, stop, inflight).await {
                             tracing::debug!(%peer, error = %e, "connection closed");
                         }
                     });
@@ -109,22 +106,9 @@ pub async fn serve(
     while conns.join_next().await.is_some() {}
 }
 
-/// The rights a connection holds: on every volume, and per volume.
-#[derive(Default)]
-struct Rights {
-    all: u8,
-    volumes: HashMap<VolumeId, u8>,
-}
-
-impl Rights {
-    fn allows(&self, volume: &VolumeId, mask: u8) -> bool {
-        (self.all | self.volumes.get(volume).copied().unwrap_or(0)) & mask != 0
-    }
-}
-
 async fn connection(
     store: Arc<Store>,
-    key: Arc<TokenKey>,
+    access: Arc<Access>,
     stream: TcpStream,
     mut stop: watch::Receiver<bool>,
     max_inflight: usize,
@@ -176,8 +160,8 @@ async fn connection(
         let _ = w.flush().await;
     });
 
-    // Granted by valid Authorize requests; kept until the connection closes.
-    let mut granted = Rights::default();
+    // Granted by valid Authorize requests; kept until the connection closes or a revocation.
+    let granted = access.connection();
     let permits = Arc::new(Semaphore::new(max_inflight.max(1)));
     let mut tasks = JoinSet::new();
     let outcome = loop {
@@ -205,44 +189,7 @@ async fn connection(
             }
         };
         // Answered in order, so requests after an Authorize see its outcome.
-        let refused = match (&req, req.needs()) {
-            (
-                Request::Authorize {
-                    volume,
-                    rights,
-                    holder,
-                    token,
-                },
-                _,
-            ) => {
-                let subject = capability_subject(volume.as_ref(), *rights, holder);
-                match key.check(Some(token), CAPABILITY, &subject, SystemTime::now()) {
-                    Ok(()) => {
-                        tracing::debug!(holder, ?volume, rights, "capability accepted");
-                        match volume {
-                            Some(v) => *granted.volumes.entry(v.clone()).or_default() |= rights,
-                            None => granted.all |= rights,
-                        }
-                        Some(Ok(Response::Done))
-                    }
-                    Err(e) => {
-                        tracing::info!(holder, error = %e, "capability refused");
-                        Some(Err((
-                            ErrorCode::AccessDenied,
-                            format!("capability refused: {e}"),
-                        )))
-                    }
-                }
-            }
-            (_, Some((volume, mask))) if !granted.allows(volume, mask) => Some(Err((
-                ErrorCode::AccessDenied,
-                format!(
-                    "{volume}: this connection holds no capability for this request \
-                     (Authorize with one from the control plane)"
-                ),
-            ))),
-            _ => None,
-        };
+        let refused = access.check(&granted, &req);
         if let Some(result) = refused {
             if tx.send(encode_response(id, &result)).await.is_err() {
                 break Err("writer gone".into());

@@ -388,8 +388,11 @@ impl Store {
                 Response::Done
             }
             // The connection answers it (server.rs): it never reaches the store.
-            Request::Authorize { .. } => {
-                return Err(op_err(ErrorCode::BadRequest, "Authorize is per connection"))
+            Request::Authorize { .. } | Request::Revoke { .. } => {
+                return Err(op_err(
+                    ErrorCode::BadRequest,
+                    "Authorize and Revoke are answered by the connection",
+                ))
             }
         })
     }

@@ -938,3 +938,51 @@ async fn requests_need_a_capability_for_their_volume_and_right() {
         .unwrap();
     c.delete_volume(&other).await.unwrap();
 }
+
+/// A revocation takes a holder's rights on a volume from open connections at once and refuses
+/// the capabilities it held before; other holders, volumes and later capabilities are untouched.
+#[tokio::test]
+async fn revoke_cuts_open_connections_and_earlier_capabilities() {
+    use blockfleet_proto::wire::rights::{READ, WRITE};
+    use blockfleet_proto::Grant;
+    let s = Server::start().await;
+    let admin = s.client().await;
+    let (v, w) = (vol(), VolumeId::generate());
+    admin.create_volume(&v, CHUNK, false).await.unwrap();
+    admin.create_volume(&w, CHUNK, false).await.unwrap();
+    let key = s.key();
+    let ttl = Duration::from_secs(3600);
+    let old = Grant::issue(&key, Some(&v), READ | WRITE, "host-a", ttl);
+    let (a, b) = (s.plain_client().await, s.plain_client().await);
+    a.authorize(&old).await.unwrap();
+    a.authorize(&Grant::issue(&key, Some(&w), READ, "host-a", ttl))
+        .await
+        .unwrap();
+    b.authorize(&Grant::issue(&key, Some(&v), READ, "host-b", ttl))
+        .await
+        .unwrap();
+    a.read(&v, 0, 4096).await.unwrap();
+    // Only an admin may revoke.
+    assert_eq!(
+        a.revoke(&v, "host-b").await.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied)
+    );
+    admin.revoke(&v, "host-a").await.unwrap();
+    assert_eq!(
+        a.read(&v, 0, 4096).await.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied)
+    );
+    a.read(&w, 0, 4096).await.unwrap();
+    b.read(&v, 0, 4096).await.unwrap();
+    // The capability held before is refused on a new connection; a new one is taken.
+    let c = s.plain_client().await;
+    assert_eq!(
+        c.authorize(&old).await.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied)
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    c.authorize(&Grant::issue(&key, Some(&v), READ, "host-a", ttl))
+        .await
+        .unwrap();
+    c.read(&v, 0, 4096).await.unwrap();
+}

@@ -2,7 +2,7 @@
 //! fleet token key (`[fleet].token_key_file`) and transform workers check, so a worker serves
 //! only what the control plane allowed: a block transform for exactly the request it signed,
 //! an on-demand fetch for the volume it names (given only to the host agent of the instance
-//! the volume is attached to). A token is `<expiry unix seconds>.<hex tag>`; the tag covers the
+//! the volume is attached to). A token is `<expiry, unix milliseconds>.<hex tag>`; the tag covers the
 //! purpose, the subject and the expiry, so it is good for nothing else.
 
 use std::path::Path;
@@ -19,6 +19,12 @@ use crate::secret_file::{load_or_create_secret, KEY_LEN};
 pub const TRANSFORM_BLOCK: &str = "transform-block";
 /// On-demand fetches for one volume.
 pub const FETCH: &str = "fetch";
+
+/// When a token expires (unix milliseconds), as it says; `None` if malformed. Unverified: check it
+/// first.
+pub fn expiry(token: &str) -> Option<u64> {
+    token.split_once('.')?.0.parse().ok()
+}
 
 /// The subject of a token that covers one request body: its SHA-256, hex.
 pub fn body_digest(body: &[u8]) -> String {
@@ -51,8 +57,11 @@ impl std::fmt::Debug for TokenKey {
     }
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+/// Unix milliseconds (fine enough that a revocation and a capability issued just after it
+/// fall on different instants).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl TokenKey {
@@ -85,7 +94,7 @@ impl TokenKey {
 
     /// A token for `purpose` on `subject`, good for `ttl` from `now`.
     pub fn issue(&self, purpose: &str, subject: &str, now: SystemTime, ttl: Duration) -> String {
-        let expires = unix(now) + ttl.as_secs();
+        let expires = unix_ms(now) + ttl.as_millis() as u64;
         let tag = self.tag(purpose, subject, expires).finalize().into_bytes();
         format!("{expires}.{}", hex::encode(tag))
     }
@@ -106,7 +115,7 @@ impl TokenKey {
         self.tag(purpose, subject, expires)
             .verify_slice(&tag)
             .map_err(|_| TokenError::BadTag)?;
-        if unix(now) > expires {
+        if unix_ms(now) > expires {
             return Err(TokenError::Expired);
         }
         Ok(())
@@ -140,7 +149,7 @@ mod tests {
             Err(TokenError::Expired)
         );
         let (exp, tag) = t.split_once('.').unwrap();
-        let stretched = format!("{}.{tag}", exp.parse::<u64>().unwrap() + 3600);
+        let stretched = format!("{}.{tag}", exp.parse::<u64>().unwrap() + 3_600_000);
         assert_eq!(
             k.check(Some(&stretched), FETCH, "vol-0123456789abcdef0", later),
             Err(TokenError::BadTag)

@@ -253,6 +253,18 @@ impl BlockClient {
         self.done(grant.to_request(), "Authorize").await
     }
 
+    /// Takes `holder`'s rights on `volume` (see [`Request::Revoke`]).
+    pub async fn revoke(&self, volume: &VolumeId, holder: &str) -> Result<(), ClientError> {
+        self.done(
+            Request::Revoke {
+                volume: volume.clone(),
+                holder: holder.to_owned(),
+            },
+            "Revoke",
+        )
+        .await
+    }
+
     /// Issues a capability for every right on every volume under `key` (the control plane's,
     /// or a test's) and presents it.
     pub async fn authorize_admin(&self, key: &TokenKey, holder: &str) -> Result<(), ClientError> {

@@ -26,6 +26,7 @@ pub(super) mod op {
     pub const RESET_CHUNKS: u8 = 18;
     pub const PUT_CHUNK: u8 = 19;
     pub const AUTHORIZE: u8 = 20;
+    pub const REVOKE: u8 = 21;
 }
 
 pub(super) mod reply {

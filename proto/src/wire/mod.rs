@@ -19,7 +19,8 @@
 //!   longer bumps a chunk's generation (it sets `hydrated`).
 //! - V4: `Authorize` (a control-plane capability for the connection: a volume or all, and
 //!   rights) and the `AccessDenied` error: every request on a volume needs a capability with
-//!   the right it takes ([`rights`]).
+//!   the right it takes ([`rights`]); `Revoke` (a detach) takes a holder's rights on a volume
+//!   from its open connections and refuses its earlier capabilities.
 //!
 //! Every decoder is total: any byte string yields a message or a [`DecodeError`], never a panic.
 
@@ -224,6 +225,12 @@ pub enum Request {
         holder: String,
         token: String,
     },
+    /// Takes `holder`'s rights on `volume` from every connection, and refuses any capability
+    /// for them issued before now (the control plane's detach). Needs ADMIN.
+    Revoke {
+        volume: VolumeId,
+        holder: String,
+    },
 }
 
 /// What a capability allows, as bits.
@@ -238,6 +245,10 @@ pub mod rights {
     pub const ADMIN: u8 = 8;
     pub const ALL: u8 = READ | WRITE | HYDRATE | ADMIN;
 }
+
+/// The longest a block-protocol capability may be valid for: a revocation refuses every
+/// capability of its holder expiring within this from then.
+pub const MAX_CAPABILITY_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The token purpose of a block-protocol capability.
 pub const CAPABILITY: &str = "block";
@@ -260,7 +271,8 @@ impl Request {
             | Mark { volume, .. }
             | Resume { volume }
             | MarkResume { volume, .. }
-            | ReleaseMark { volume, .. } => (volume, ADMIN),
+            | ReleaseMark { volume, .. }
+            | Revoke { volume, .. } => (volume, ADMIN),
             StatVolume { volume }
             | Read { volume, .. }
             | ChunkState { volume, .. }

@@ -205,6 +205,11 @@ impl Request {
                 put_string(&mut b, holder);
                 put_string(&mut b, token);
             }
+            Request::Revoke { volume, holder } => {
+                b.put_u8(op::REVOKE);
+                put_volume(&mut b, volume);
+                put_string(&mut b, holder);
+            }
         }
         b
     }
@@ -315,6 +320,10 @@ impl Request {
                 rights: r.u8()?,
                 holder: r.string("holder", MAX_AUTH_FIELD)?,
                 token: r.string("token", MAX_AUTH_FIELD)?,
+            },
+            op::REVOKE => Request::Revoke {
+                volume: r.volume()?,
+                holder: r.string("holder", MAX_AUTH_FIELD)?,
             },
             op::PUT_CHUNK => Request::PutChunk {
                 volume: r.volume()?,

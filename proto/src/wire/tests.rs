@@ -79,6 +79,10 @@ fn all_requests() -> Vec<Request> {
             holder: "control-plane".into(),
             token: "1767225600.00ff".into(),
         },
+        Request::Revoke {
+            volume: v.clone(),
+            holder: "host-local".into(),
+        },
         Request::Authorize {
             volume: Some(v.clone()),
             rights: rights::READ | rights::WRITE,

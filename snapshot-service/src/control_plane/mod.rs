@@ -129,7 +129,7 @@ pub(crate) struct ControlPlane {
 
 /// How long a block-protocol capability handed out may wait before it is presented (it is
 /// checked then, and holds for that connection's life; holders ask again for new connections).
-pub(crate) const BLOCK_GRANT_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const BLOCK_GRANT_TTL: Duration = blockfleet_proto::wire::MAX_CAPABILITY_TTL;
 
 /// How long a fetch capability handed out with AttachInfo lasts (the host agent asks again).
 pub(crate) const FETCH_TOKEN_TTL: Duration = Duration::from_secs(600);

@@ -634,6 +634,18 @@ impl ControlPlane {
         v.state = VolumeState::Available;
         self.state.put_volume(&v)?;
         self.state.flush()?;
+        // The host's block capability stops now on every replica; one that cannot be told
+        // keeps honouring it on connections already open until they close (at most an hour
+        // for new ones: the capability expires).
+        for addr in &v.placement {
+            let revoked = match self.blocks.get(addr).await {
+                Ok(c) => c.revoke(&v.id, &a.attachment.host).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = revoked {
+                tracing::warn!(volume = %v.id, replica = %addr, error = %e, "block capability not revoked");
+            }
+        }
         tracing::info!(volume = %v.id, instance = %a.attachment.instance_id, "detached");
         Ok(json!({}))
     }

@@ -1,0 +1,160 @@
+//! Who may do what on this block server: the capabilities each connection presented
+//! (`Authorize`), checked under the block token key, and revocations (`Revoke`, the control
+//! plane's detach), which take a holder's rights on a volume from every open connection and
+//! refuse the capabilities it was given before.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::SystemTime;
+
+use blockfleet_core::ids::VolumeId;
+use blockfleet_core::token::{self, TokenKey};
+use blockfleet_proto::wire::{capability_subject, CAPABILITY, MAX_CAPABILITY_TTL};
+use blockfleet_proto::{ErrorCode, Request, Response};
+
+type Outcome = Result<Response, (ErrorCode, String)>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now() -> u64 {
+    token::unix_ms(SystemTime::now())
+}
+
+fn denied(message: String) -> Outcome {
+    Err((ErrorCode::AccessDenied, message))
+}
+
+/// The rights one connection holds: on every volume, and per volume and holder.
+#[derive(Debug, Default)]
+pub struct Rights {
+    all: u8,
+    volumes: HashMap<VolumeId, HashMap<String, u8>>,
+}
+
+impl Rights {
+    fn allows(&self, volume: &VolumeId, mask: u8) -> bool {
+        let on = self
+            .volumes
+            .get(volume)
+            .map_or(0, |h| h.values().fold(0, |a, r| a | r));
+        (self.all | on) & mask != 0
+    }
+}
+
+/// The server's side of capabilities.
+#[derive(Debug)]
+pub struct Access {
+    key: TokenKey,
+    /// (volume, holder) -> capabilities expiring at or before this (unix ms) are refused.
+    revoked: Mutex<HashMap<(VolumeId, String), u64>>,
+    connections: Mutex<Vec<Weak<Mutex<Rights>>>>,
+}
+
+impl Access {
+    pub fn new(key: TokenKey) -> Self {
+        Access {
+            key,
+            revoked: Mutex::default(),
+            connections: Mutex::default(),
+        }
+    }
+
+    /// The rights of a new connection, registered so revocations reach it.
+    pub fn connection(&self) -> Arc<Mutex<Rights>> {
+        let rights = Arc::new(Mutex::new(Rights::default()));
+        let mut conns = lock(&self.connections);
+        conns.retain(|w| w.strong_count() > 0);
+        conns.push(Arc::downgrade(&rights));
+        rights
+    }
+
+    /// Answers `Authorize` and `Revoke`, and refuses a request the connection holds no right
+    /// for; `None`: the store serves the request.
+    pub fn check(&self, rights: &Mutex<Rights>, req: &Request) -> Option<Outcome> {
+        match req {
+            Request::Authorize {
+                volume,
+                rights: r,
+                holder,
+                token,
+            } => Some(self.authorize(rights, volume.as_ref(), *r, holder, token)),
+            _ => match req.needs() {
+                Some((volume, mask)) if !lock(rights).allows(volume, mask) => {
+                    Some(denied(format!(
+                        "{volume}: this connection holds no capability for this request \
+                     (Authorize with one from the control plane)"
+                    )))
+                }
+                _ => match req {
+                    Request::Revoke { volume, holder } => Some(self.revoke(volume, holder)),
+                    _ => None,
+                },
+            },
+        }
+    }
+
+    fn authorize(
+        &self,
+        rights: &Mutex<Rights>,
+        volume: Option<&VolumeId>,
+        r: u8,
+        holder: &str,
+        token: &str,
+    ) -> Outcome {
+        let subject = capability_subject(volume, r, holder);
+        if let Err(e) = self
+            .key
+            .check(Some(token), CAPABILITY, &subject, SystemTime::now())
+        {
+            tracing::info!(holder, error = %e, "capability refused");
+            return denied(format!("capability refused: {e}"));
+        }
+        if let Some(v) = volume {
+            let revoked = lock(&self.revoked)
+                .get(&(v.clone(), holder.to_owned()))
+                .copied();
+            if revoked.is_some_and(|until| token::expiry(token).is_some_and(|e| e <= until)) {
+                tracing::info!(holder, volume = %v, "revoked capability refused");
+                return denied(format!(
+                    "capability refused: {holder}'s rights on {v} were revoked (detached)"
+                ));
+            }
+        }
+        tracing::debug!(holder, ?volume, rights = r, "capability accepted");
+        let mut g = lock(rights);
+        match volume {
+            Some(v) => {
+                *g.volumes
+                    .entry(v.clone())
+                    .or_default()
+                    .entry(holder.to_owned())
+                    .or_default() |= r
+            }
+            None => g.all |= r,
+        }
+        Ok(Response::Done)
+    }
+
+    fn revoke(&self, volume: &VolumeId, holder: &str) -> Outcome {
+        // Every capability issued so far expires by then.
+        let until = now() + MAX_CAPABILITY_TTL.as_millis() as u64;
+        let mut revoked = lock(&self.revoked);
+        revoked.retain(|_, u| *u >= now());
+        revoked.insert((volume.clone(), holder.to_owned()), until);
+        drop(revoked);
+        let mut cut = 0;
+        for c in lock(&self.connections).iter().filter_map(Weak::upgrade) {
+            let mut g = lock(&c);
+            if let Some(h) = g.volumes.get_mut(volume) {
+                cut += usize::from(h.remove(holder).is_some());
+                if h.is_empty() {
+                    g.volumes.remove(volume);
+                }
+            }
+        }
+        tracing::info!(volume = %volume, holder, connections = cut, "rights revoked");
+        Ok(Response::Done)
+    }
+}
