@@ -105,14 +105,7 @@ fn main() {
                     v.clone(),
                     &addrs[..replicas],
                     Duration::from_secs(5),
-                    Some(blockfleet_proto::Grant::issue(
-                        &key,
-                        Some(&v),
-                        blockfleet_proto::wire::rights::READ
-                            | blockfleet_proto::wire::rights::WRITE,
-                        "bench",
-                        Duration::from_secs(3600),
-                    )),
+                    Some(blockfleet_proto::Grant::writer(&key, &v, "bench")),
                 )
                 .await
                 .expect("open"),

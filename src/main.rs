@@ -72,12 +72,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let volume: blockfleet_core::ids::VolumeId = volume.parse()?;
             let block_grant = match &block_token_key_file {
-                Some(path) => Some(blockfleet_proto::Grant::issue(
+                Some(path) => Some(blockfleet_proto::Grant::writer(
                     &blockfleet_core::token::TokenKey::load_or_create(path)?,
-                    Some(&volume),
-                    blockfleet_proto::wire::rights::READ | blockfleet_proto::wire::rights::WRITE,
+                    &volume,
                     "host-agent",
-                    std::time::Duration::from_secs(3600),
                 )),
                 None => None,
             };

@@ -80,6 +80,17 @@ fn refused<T>(r: Result<T, HttpError>) -> (u16, String) {
     }
 }
 
+/// Attaching `volume` to a new instance on host-local.
+fn on_host_local(volume: &VolumeId) -> AttachVolumeRequest {
+    AttachVolumeRequest {
+        volume_id: volume.clone(),
+        instance_id: InstanceId::generate(),
+        device: None,
+        boot: false,
+        host: Some("host-local".into()),
+    }
+}
+
 const ACTIONS: [&str; 18] = [
     "CreateVolume",
     "DescribeVolumes",
@@ -119,15 +130,9 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
         .await
         .unwrap()
         .remove(0);
-    user.attach_volume(&AttachVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        instance_id: InstanceId::generate(),
-        device: None,
-        boot: false,
-        host: Some("host-local".into()),
-    })
-    .await
-    .unwrap();
+    user.attach_volume(&on_host_local(&v.volume_id))
+        .await
+        .unwrap();
     let volumes_before = f.cp.describe_volumes(&[]).await.unwrap().len();
 
     // Unsigned, wrongly signed, unknown key, replayed after the window: 401 on every action.
@@ -283,15 +288,9 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
         .await
         .unwrap();
     denied(fresh.authorize(&grant).await.unwrap_err());
-    user.attach_volume(&AttachVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        instance_id: InstanceId::generate(),
-        device: None,
-        boot: false,
-        host: Some("host-local".into()),
-    })
-    .await
-    .unwrap();
+    user.attach_volume(&on_host_local(&v.volume_id))
+        .await
+        .unwrap();
     let again = f.host_cp.attach_info(&v.volume_id).await.unwrap();
     fresh.authorize(&again.block_grant.unwrap()).await.unwrap();
     assert_eq!(fresh.read(&v.volume_id, 0, 4096).await.unwrap().len(), 4096);

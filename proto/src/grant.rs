@@ -50,6 +50,19 @@ impl Grant {
         }
     }
 
+    /// The capability of a volume's writer (a host agent): read and write `volume`, for the
+    /// longest a capability may last.
+    pub fn writer(key: &TokenKey, volume: &VolumeId, holder: &str) -> Grant {
+        use crate::wire::rights::{READ, WRITE};
+        Grant::issue(
+            key,
+            Some(volume),
+            READ | WRITE,
+            holder,
+            crate::wire::MAX_CAPABILITY_TTL,
+        )
+    }
+
     pub fn to_request(&self) -> Request {
         Request::Authorize {
             volume: self.volume.clone(),

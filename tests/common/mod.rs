@@ -45,15 +45,8 @@ pub async fn admin_block_client(addr: &str, key_file: &Path) -> blockfleet_proto
 
 /// A host agent's capability (read and write `volume`) under the key in `key_file`.
 pub fn rw_grant(key_file: &Path, volume: &VolumeId) -> blockfleet_proto::Grant {
-    use blockfleet_proto::wire::rights::{READ, WRITE};
     let key = blockfleet_core::token::TokenKey::load_or_create(key_file).unwrap();
-    blockfleet_proto::Grant::issue(
-        &key,
-        Some(volume),
-        READ | WRITE,
-        "test-agent",
-        Duration::from_secs(3600),
-    )
+    blockfleet_proto::Grant::writer(&key, volume, "test-agent")
 }
 
 pub fn bin() -> Command {

@@ -297,13 +297,7 @@ impl ControlPlane {
                 Vec::new()
             },
             joining: v.moving.as_ref().map(|(_, to)| to.clone()),
-            block_grant: Some(Grant::issue(
-                &self.block_key,
-                Some(&v.id),
-                blockfleet_proto::wire::rights::READ | blockfleet_proto::wire::rights::WRITE,
-                &caller.name,
-                super::BLOCK_GRANT_TTL,
-            )),
+            block_grant: Some(Grant::writer(&self.block_key, &v.id, &caller.name)),
             fetch_token: Some(self.token_key.issue(
                 token::FETCH,
                 v.id.as_str(),
