@@ -214,8 +214,16 @@ async fn fault_cycles(kill: bool) {
             f.signal_block_server(victim, "CONT");
         }
         wait_in_sync(&agent, Duration::from_secs(60)).await;
-        let during = model.acked.load(Ordering::Relaxed) - before;
-        assert!(during > 0, "cycle {cycle}: no write acknowledged");
+        // A short stop leaves nothing out of sync, so writes held by it may still be on
+        // their way back: give them time rather than racing a slow machine.
+        let progress = Instant::now();
+        while model.acked.load(Ordering::Relaxed) == before {
+            assert!(
+                progress.elapsed() < Duration::from_secs(30),
+                "cycle {cycle}: no write acknowledged within 30 s of the fault ending"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let repaired = agent.replicas().metrics.repairs.load(Ordering::Relaxed);
         if kill || cycle % 2 == 0 {
             assert!(repaired > repaired_before, "cycle {cycle}: no repair ran");

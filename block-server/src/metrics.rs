@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::store::Store;
 
-pub const OPS: [&str; 21] = [
+pub const OPS: [&str; 23] = [
     "create_volume",
     "delete_volume",
     "stat_volume",
@@ -35,6 +35,8 @@ pub const OPS: [&str; 21] = [
     "put_chunk",
     "authorize",
     "revoke",
+    "chunk_digest",
+    "adopt_chunk",
 ];
 
 /// Index of a request's operation in [`OPS`].
@@ -61,6 +63,8 @@ pub fn op_index(req: &Request) -> usize {
         Request::PutChunk { .. } => 18,
         Request::Authorize { .. } => 19,
         Request::Revoke { .. } => 20,
+        Request::ChunkDigest { .. } => 21,
+        Request::AdoptChunk { .. } => 22,
     }
 }
 

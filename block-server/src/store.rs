@@ -387,6 +387,21 @@ impl Store {
                     .await?;
                 Response::Done
             }
+            Request::ChunkDigest { volume, chunk } => {
+                let (info, digest) = self.volume(&volume)?.chunk_digest(chunk).await?;
+                Response::Digest { info, digest }
+            }
+            Request::AdoptChunk {
+                volume,
+                chunk,
+                digest,
+                info,
+            } => {
+                self.volume(&volume)?
+                    .adopt_chunk(chunk, digest, info)
+                    .await?;
+                Response::Done
+            }
             // The connection answers it (server.rs): it never reaches the store.
             Request::Authorize { .. } | Request::Revoke { .. } => {
                 return Err(op_err(

@@ -839,6 +839,54 @@ async fn versions_reset_put_chunk_and_mark_ids() {
     );
 }
 
+/// ChunkDigest hashes a chunk's data as stored; AdoptChunk takes another replica's state only
+/// for the same data, refuses other data without changing anything, and what it took
+/// survives a restart once flushed.
+#[tokio::test]
+async fn chunk_digests_and_adopting_a_state() {
+    use sha2::{Digest, Sha256};
+    let s = Server::start().await;
+    let (a, b) = (vol(), vol());
+    let c = s.client().await;
+    for v in [&a, &b] {
+        c.create_volume(v, 2 * CHUNK, false).await.unwrap();
+        c.write(v, 0, Bytes::from(pattern(0, 5)), false)
+            .await
+            .unwrap();
+    }
+    // A second write of the same data: a is at a higher version, with the same bytes.
+    c.write(&a, 0, Bytes::from(pattern(0, 5)), false)
+        .await
+        .unwrap();
+    let (ia, da) = c.chunk_digest(&a, 0).await.unwrap();
+    let (ib, db) = c.chunk_digest(&b, 0).await.unwrap();
+    let mut want = pattern(0, 5);
+    want.resize(CHUNK as usize, 0);
+    assert_eq!(da, <[u8; 32]>::from(Sha256::digest(&want)));
+    assert_eq!(da, db, "same data, same digest");
+    assert_eq!((ia.generation, ib.generation), (2, 1));
+    // Chunk 1 is a hole on both: the digest of zeros.
+    let (_, zero) = c.chunk_digest(&a, 1).await.unwrap();
+    assert_eq!(zero, <[u8; 32]>::from(Sha256::digest(vec![0u8; CHUNK as usize])));
+
+    // Other data: refused, nothing changes.
+    let e = c.adopt_chunk(&b, 1, da, ia).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::VersionMismatch), "{e}");
+    assert_eq!(c.chunk_versions(&b, 0, 0, 2).await.unwrap(), vec![2, 0]);
+    let e = c.adopt_chunk(&b, 2, da, ia).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::OutOfRange), "{e}");
+
+    // Same data: b takes a's state, durable with the next flush.
+    c.adopt_chunk(&b, 0, da, ia).await.unwrap();
+    assert_eq!(c.chunk_state(&b, 0).await.unwrap(), ia);
+    c.flush(&b).await.unwrap();
+    drop(c);
+    let s = s.restart().await;
+    let c = s.client().await;
+    assert_eq!(c.chunk_state(&b, 0).await.unwrap(), ia);
+    assert_eq!(c.chunk_digest(&b, 0).await.unwrap().1, da);
+}
+
 /// Every request on a volume needs a capability the control plane issued under the server's
 /// key, for that volume (or all) with the right the request takes: without one, with a forged
 /// one, one for another holder, volume or rights, or an expired one, it is refused and changes

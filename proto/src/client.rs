@@ -571,6 +571,44 @@ impl BlockClient {
         .await
     }
 
+    /// A chunk's state and the SHA-256 of its data.
+    pub async fn chunk_digest(
+        &self,
+        volume: &VolumeId,
+        chunk: u64,
+    ) -> Result<(ChunkInfo, [u8; 32]), ClientError> {
+        match self
+            .call(Request::ChunkDigest {
+                volume: volume.clone(),
+                chunk,
+            })
+            .await?
+        {
+            Response::Digest { info, digest } => Ok((info, digest)),
+            other => Err(unexpected("ChunkDigest", &other)),
+        }
+    }
+
+    /// Gives a chunk state `info` if its data hash to `digest` (else `VersionMismatch`).
+    pub async fn adopt_chunk(
+        &self,
+        volume: &VolumeId,
+        chunk: u64,
+        digest: [u8; 32],
+        info: ChunkInfo,
+    ) -> Result<(), ClientError> {
+        self.done(
+            Request::AdoptChunk {
+                volume: volume.clone(),
+                chunk,
+                digest,
+                info,
+            },
+            "AdoptChunk",
+        )
+        .await
+    }
+
     pub fn addr(&self) -> &str {
         &self.shared.addr
     }
@@ -598,6 +636,7 @@ fn unexpected(request: &'static str, got: &Response) -> ClientError {
         Response::MarkId(_) => "MarkId",
         Response::MarkChunk { .. } => "MarkChunk",
         Response::Chunks(_) => "Chunks",
+        Response::Digest { .. } => "Digest",
     };
     ClientError::UnexpectedReply { request, got }
 }

@@ -1,6 +1,8 @@
 //! The data path: writes and flushes to every replica taking writes, reads from one in sync.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -9,40 +11,98 @@ use blockfleet_proto::wire::{ChunkInfo, Request, Response, VolumeStat};
 
 use crate::*;
 
+/// The longest a flush waits for a repairing replica to hold every chunk.
+const FLUSH_WAIT: Duration = Duration::from_secs(30);
+
+/// Chunks `offset..offset+len` touches.
+fn chunk_range(offset: u64, len: u64) -> Range<u64> {
+    offset / CHUNK..(offset + len.max(1)).div_ceil(CHUNK)
+}
+
 impl ReplicatedVolume {
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ClientError> {
         self.ensure_quorum().await;
         let _gate = self.gate.read().await;
+        let chunks = chunk_range(offset, data.len() as u64);
+        self.repair_for(&chunks).await;
         let _chunks = self.lock_chunks(offset, data.len() as u64).await;
-        self.replicate(Request::Write {
-            volume: self.volume.clone(),
-            offset,
-            fua,
-            data,
-        })
+        self.replicate(
+            Request::Write {
+                volume: self.volume.clone(),
+                offset,
+                fua,
+                data,
+            },
+            Some(chunks),
+        )
         .await
         .map(drop)
     }
 
+    /// A flush counts a repairing replica once it holds every chunk: until then it may lack
+    /// chunks whose acknowledged writes are durable only elsewhere. Short of a majority
+    /// without it, the flush waits (bounded) for its repair.
     pub async fn flush(&self) -> Result<(), ClientError> {
         self.ensure_quorum().await;
-        self.replicate(Request::Flush {
-            volume: self.volume.clone(),
-        })
+        let deadline = tokio::time::Instant::now() + FLUSH_WAIT;
+        while self.holders(None) < self.quorum()
+            && self
+                .lock()
+                .iter()
+                .any(|m| m.health == Health::Repairing && m.client.is_some())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.replicate(
+            Request::Flush {
+                volume: self.volume.clone(),
+            },
+            None,
+        )
         .await
         .map(drop)
     }
 
-    /// Hydrates a chunk on every replica taking writes (a majority in sync must take it).
+    /// Hydrates a chunk on every replica taking writes (a majority must take it).
     pub async fn write_if_unwritten(&self, chunk: u64, data: Bytes) -> Result<(), ClientError> {
+        let chunks = chunk..chunk + 1;
+        self.repair_for(&chunks).await;
         let _chunks = self.lock_chunks(chunk * CHUNK, CHUNK).await;
-        self.replicate(Request::WriteIfUnwritten {
-            volume: self.volume.clone(),
-            chunk,
-            data,
-        })
+        self.replicate(
+            Request::WriteIfUnwritten {
+                volume: self.volume.clone(),
+                chunk,
+                data,
+            },
+            Some(chunks),
+        )
         .await
         .map(drop)
+    }
+
+    /// Before a change to `chunks` that would lack a majority without a repairing replica
+    /// (one failure while another replica repairs), repairs those chunks on it first, so the
+    /// change waits for that rather than failing.
+    async fn repair_for(&self, chunks: &Range<u64>) {
+        if self.holders(Some(chunks)) >= self.quorum() {
+            return;
+        }
+        let waiting: Vec<(usize, Vec<u64>)> = self
+            .lock()
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.health == Health::Repairing)
+            .map(|(i, m)| (i, m.pending.range(chunks.clone()).copied().collect()))
+            .collect();
+        for (i, list) in waiting {
+            for c in list {
+                if let Err(e) = self.repair_chunk(i, c).await {
+                    tracing::debug!(volume = %self.volume, chunk = c, error = %e, "repair before a write failed");
+                    break;
+                }
+            }
+        }
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {

@@ -4,8 +4,10 @@
 //!
 //! - **Writes and flushes** go to every replica taking writes (in sync or repairing) at once
 //!   and return when each has answered or timed out; they succeed when a majority of the
-//!   placement *in sync* has them. A replica that errors or times out is marked out and gets
-//!   nothing more until it rejoins. Callers order overlapping writes (the host agent locks the
+//!   placement holds them: replicas in sync, and repairing ones for a write whose chunks they
+//!   already hold at the current version (for a flush: once they hold every chunk). A write
+//!   that lacks a majority without a repairing replica first has its chunks repaired on it.
+//!   A replica that errors or times out is marked out and gets nothing more until it rejoins. Callers order overlapping writes (the host agent locks the
 //!   units it writes), and a write returns only when every replica took it, so replicas apply
 //!   writes to one unit in the same order.
 //! - **Versions**: every write bumps a chunk's generation by one on each replica, hydration
@@ -14,8 +16,9 @@
 //! - **Rejoin** (the writer, [`ReplicatedVolume::spawn_repair`]): writes held for a moment,
 //!   the returning replica's versions compared with the in-sync ones', the chunks that differ
 //!   reset on it (durably: no later write can make them look current), writes let through to
-//!   it again, then each differing chunk copied from an in-sync replica under that chunk's
-//!   lock. Then it is in sync and serves reads.
+//!   it again, then each differing chunk repaired from an in-sync replica under that chunk's
+//!   lock: adopted where its data already match (same SHA-256: a server killed before its
+//!   chunk states reached disk), else copied. Then it is in sync and serves reads.
 //! - **Reads** go to one in-sync replica (round robin), the next on failure.
 //! - **Marks**: Pause and MarkResume need a majority; a chunk at a mark is read from a
 //!   replica with the highest version at that mark among a majority's (which includes one
@@ -24,7 +27,9 @@
 //! Modules: [`io`] (the data path), [`marks`] (snapshot cuts), [`repair`] (rejoin).
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -69,7 +74,8 @@ struct Member {
     health: Health,
     reason: Option<String>,
     repair_total: u64,
-    repair_done: u64,
+    /// Repairing: chunks it does not hold at the current version yet (reset on it).
+    pending: BTreeSet<u64>,
     /// No longer placed (moved away): kept so member indices stay put, never used again.
     retired: bool,
 }
@@ -91,6 +97,10 @@ pub struct ReplicaMetrics {
     pub failures: AtomicU64,
     /// Bytes copied to rejoining replicas.
     pub repair_bytes: AtomicU64,
+    /// Chunks copied to rejoining replicas.
+    pub repair_chunks: AtomicU64,
+    /// Chunks a rejoining replica turned out to hold already (same data), so not copied.
+    pub repair_adopted: AtomicU64,
     /// Rejoins completed.
     pub repairs: AtomicU64,
 }
@@ -123,6 +133,10 @@ pub struct ReplicatedVolume {
     pub metrics: ReplicaMetrics,
     /// Presented on connections opened here (see `set_grant`).
     grant: Mutex<Option<Grant>>,
+    /// Pause between repaired chunks, in microseconds (0: none): a throttle on repair.
+    repair_pace_us: AtomicU64,
+    /// Check digests before copying a chunk (off: copy every chunk whose version differs).
+    adopt: AtomicBool,
 }
 
 /// Whether an error means the replica, not the request, is at fault.
@@ -196,7 +210,22 @@ impl ReplicatedVolume {
             mark_versions: Mutex::new(None),
             metrics: ReplicaMetrics::default(),
             grant: Mutex::new(None),
+            repair_pace_us: AtomicU64::new(0),
+            adopt: AtomicBool::new(true),
         }
+    }
+
+    /// Pauses `pace` between the chunks a rejoin repairs, so repair leaves the disks and the
+    /// network to the instance (0: as fast as it goes).
+    pub fn set_repair_pace(&self, pace: Duration) {
+        self.repair_pace_us
+            .store(pace.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether repair checks a chunk's digest before copying it (on by default; off copies
+    /// every chunk whose version differs, as before digests: for comparison in benchmarks).
+    pub fn set_adopt_by_digest(&self, on: bool) {
+        self.adopt.store(on, Ordering::Relaxed);
     }
 
     /// The capability presented on connections this replica set opens itself (rejoins); the
@@ -231,7 +260,7 @@ impl ReplicatedVolume {
                     health,
                     reason,
                     repair_total: 0,
-                    repair_done: 0,
+                    pending: BTreeSet::new(),
                     retired: false,
                 }
             })
@@ -349,6 +378,7 @@ impl ReplicatedVolume {
                 x.retired = true;
                 x.health = Health::Out;
                 x.client = None;
+                x.pending.clear();
             }
         }
         for a in wanted {
@@ -360,7 +390,7 @@ impl ReplicatedVolume {
                     health: Health::Out,
                     reason: Some("new: not filled yet".into()),
                     repair_total: 0,
-                    repair_done: 0,
+                    pending: BTreeSet::new(),
                     retired: false,
                 });
             }
@@ -390,7 +420,7 @@ impl ReplicatedVolume {
                 addr: m.addr.clone(),
                 health: m.health,
                 reason: m.reason.clone(),
-                repair_done: m.repair_done,
+                repair_done: m.repair_total.saturating_sub(m.pending.len() as u64),
                 repair_total: m.repair_total,
             })
             .collect()
@@ -424,6 +454,44 @@ impl ReplicatedVolume {
         m.health = Health::Out;
         m.client = None;
         m.reason = Some(reason.to_owned());
+        m.pending.clear();
+    }
+
+    /// Whether member `m`'s acknowledgement of a change to `chunks` (`None`: a flush, every
+    /// chunk) shows the change is on it with everything acknowledged before: in sync, or
+    /// repairing and holding those chunks at the current version already.
+    fn holds(m: &Member, chunks: Option<&Range<u64>>) -> bool {
+        match m.health {
+            Health::InSync => true,
+            Health::Repairing => match chunks {
+                Some(r) => r.clone().all(|c| !m.pending.contains(&c)),
+                None => m.pending.is_empty(),
+            },
+            Health::Out => false,
+        }
+    }
+
+    /// Members whose acknowledgement of a change to `chunks` counts towards the majority.
+    fn holders(&self, chunks: Option<&Range<u64>>) -> usize {
+        self.lock()
+            .iter()
+            .filter(|m| m.client.is_some() && Self::holds(m, chunks))
+            .count()
+    }
+
+    /// Runs a call on a replica within the replica timeout.
+    async fn within<T>(
+        &self,
+        addr: &str,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(lost(
+                addr,
+                &format!("no answer within {} ms", self.timeout.as_millis()),
+            )),
+        }
     }
 
     /// Members with one of `healths`, with their connections.
@@ -444,16 +512,7 @@ impl ReplicatedVolume {
     ) -> Vec<(usize, Health, Result<Response, ClientError>)> {
         let calls = targets.iter().map(|(i, h, c)| {
             let req = req.clone();
-            async move {
-                let r = match tokio::time::timeout(self.timeout, c.call(req)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(lost(
-                        c.addr(),
-                        &format!("no answer within {} ms", self.timeout.as_millis()),
-                    )),
-                };
-                (*i, *h, r)
-            }
+            async move { (*i, *h, self.within(c.addr(), c.call(req)).await) }
         });
         let out = join_all(calls).await;
         for (i, _, r) in &out {
@@ -466,22 +525,38 @@ impl ReplicatedVolume {
         out
     }
 
-    /// A change every replica taking writes gets; succeeds when a majority in sync has it.
-    async fn replicate(&self, req: Request) -> Result<Response, ClientError> {
-        let targets = self.members_in(&[Health::InSync, Health::Repairing]);
+    /// A change to `chunks` (`None`: a flush) every replica taking writes gets; succeeds when
+    /// a majority holds it ([`Self::holds`], judged when it is sent: the caller holds the
+    /// chunks' locks, so no repair of them runs meanwhile).
+    async fn replicate(
+        &self,
+        req: Request,
+        chunks: Option<Range<u64>>,
+    ) -> Result<Response, ClientError> {
+        let (targets, counts): (Vec<_>, Vec<bool>) = {
+            let m = self.lock();
+            m.iter()
+                .enumerate()
+                .filter(|(_, x)| matches!(x.health, Health::InSync | Health::Repairing))
+                .filter_map(|(i, x)| {
+                    let c = x.client.clone()?;
+                    Some(((i, x.health, c), Self::holds(x, chunks.as_ref())))
+                })
+                .unzip()
+        };
         let results = self.send(&targets, &req).await;
         let mut first_ok = None;
         let mut refused = None;
         let mut in_sync_ok = 0;
         let (mut gone, mut gone_err) = (0, None);
-        for (i, h, r) in results {
+        for ((i, _, r), counts) in results.into_iter().zip(counts) {
             match r {
                 Err(e) if e.code() == Some(ErrorCode::NoSuchVolume) => {
                     gone += 1;
                     gone_err = Some(e);
                 }
                 Ok(resp) => {
-                    in_sync_ok += usize::from(h == Health::InSync);
+                    in_sync_ok += usize::from(counts);
                     first_ok.get_or_insert(resp);
                 }
                 Err(e) if !replica_fault(&e) => refused = Some((i, e)),
@@ -541,7 +616,7 @@ impl ReplicatedVolume {
         g
     }
 
-    /// For the writer: when fewer than a majority are in sync (say two servers restarted
+    /// For the writer: when fewer than a majority take writes (say two servers restarted
     /// since the last request), tries to bring replicas back now rather than fail the write.
     async fn ensure_quorum(&self) {
         if !self.writer.load(Ordering::Relaxed) {
@@ -551,7 +626,7 @@ impl ReplicatedVolume {
             .lock()
             .iter()
             .filter(|m| {
-                m.health == Health::InSync && m.client.as_ref().is_some_and(|c| !c.is_closed())
+                m.health != Health::Out && m.client.as_ref().is_some_and(|c| !c.is_closed())
             })
             .count();
         if live < self.quorum() {

@@ -1,4 +1,5 @@
-//! Replication support: forgetting missed chunks on a rejoining replica and putting repaired ones.
+//! Replication support: forgetting missed chunks on a rejoining replica, telling whether a
+//! chunk's data already match another replica's (digest), and putting repaired ones.
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use blockfleet_core::units::CHUNK;
 use blockfleet_proto::{ChunkInfo, ErrorCode};
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 
 use super::*;
 
@@ -25,6 +27,50 @@ impl Volume {
             st.chunks[c as usize] = ChunkMeta::default();
             st.dirty_chunks.insert(c);
         }
+        Ok(())
+    }
+
+    /// The chunk's state and the SHA-256 of its data as stored (holes read as zeros).
+    pub async fn chunk_digest(&self, chunk: u64) -> Result<(ChunkInfo, [u8; 32]), OpError> {
+        self.check_chunk(chunk)?;
+        let _stripe = self.lock_stripes(chunk..chunk + 1).await;
+        let digest = self.digest_of(chunk).await?;
+        Ok((info(&lock(&self.state).chunks[chunk as usize]), digest))
+    }
+
+    async fn digest_of(&self, chunk: u64) -> Result<[u8; 32], OpError> {
+        let file = Arc::clone(&self.file);
+        blocking(move || {
+            let mut buf = vec![0u8; CHUNK as usize];
+            file.read_exact_at(&mut buf, chunk * CHUNK)?;
+            Ok(Sha256::digest(&buf).into())
+        })
+        .await
+    }
+
+    /// Gives chunk `chunk` state `to` if its data hash to `digest` (a replica's chunk whose
+    /// state was lost or reset but whose data are current): repair without a copy. The data
+    /// reach disk, before the state, at the next flush.
+    pub async fn adopt_chunk(
+        &self,
+        chunk: u64,
+        digest: [u8; 32],
+        to: ChunkInfo,
+    ) -> Result<(), OpError> {
+        self.check_chunk(chunk)?;
+        let _gate = self.gate.read().await;
+        let _stripe = self.lock_stripes(chunk..chunk + 1).await;
+        if self.digest_of(chunk).await? != digest {
+            return Err(op_err(
+                ErrorCode::VersionMismatch,
+                format!("chunk {chunk} of {} holds other data", self.id),
+            ));
+        }
+        self.copy_on_write(chunk..chunk + 1).await?;
+        let mut st = lock(&self.state);
+        st.chunks[chunk as usize] = meta_of(&to);
+        st.dirty_chunks.insert(chunk);
+        self.dirty.store(true, Ordering::Release);
         Ok(())
     }
 

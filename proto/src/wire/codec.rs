@@ -27,6 +27,8 @@ pub(super) mod op {
     pub const PUT_CHUNK: u8 = 19;
     pub const AUTHORIZE: u8 = 20;
     pub const REVOKE: u8 = 21;
+    pub const CHUNK_DIGEST: u8 = 22;
+    pub const ADOPT_CHUNK: u8 = 23;
 }
 
 pub(super) mod reply {
@@ -38,6 +40,7 @@ pub(super) mod reply {
     pub const MARK_ID: u8 = 6;
     pub const MARK_CHUNK: u8 = 7;
     pub const CHUNKS: u8 = 8;
+    pub const DIGEST: u8 = 9;
 }
 
 /// Reads fields off a frame body, turning a short body into `Truncated`. With the body as
@@ -82,6 +85,11 @@ impl<'a> Reader<'a> {
     pub(super) fn u128(&mut self) -> Result<u128, DecodeError> {
         self.need(16)?;
         Ok(self.0.get_u128_le())
+    }
+    pub(super) fn digest(&mut self) -> Result<[u8; 32], DecodeError> {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(self.bytes(32)?);
+        Ok(d)
     }
     pub(super) fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
         match self.u8()? {

@@ -21,6 +21,9 @@
 //!   rights) and the `AccessDenied` error: every request on a volume needs a capability with
 //!   the right it takes ([`rights`]); `Revoke` (a detach) takes a holder's rights on a volume
 //!   from its open connections and refuses its earlier capabilities.
+//! - V5: `ChunkDigest` (a chunk's state and the SHA-256 of its data) and `AdoptChunk` (take
+//!   another replica's state for a chunk whose data already match): a rejoining replica's
+//!   repair copies only chunks whose data differ.
 //!
 //! Every decoder is total: any byte string yields a message or a [`DecodeError`], never a panic.
 
@@ -38,7 +41,7 @@ mod tests;
 use codec::{frame, Reader};
 pub use response::{decode_response, decode_response_bytes, encode_response, DecodedResponse};
 
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 pub const MAGIC: &[u8; 8] = b"BFBLOCK\0";
 /// Largest data payload of one Read or Write.
 pub const MAX_IO: u32 = 8 << 20;
@@ -79,7 +82,8 @@ pub enum ErrorCode {
     ShuttingDown = 12,
     /// A read touched units of a hydrating volume that hydration has not filled yet.
     NotHydrated = 13,
-    /// A `PutChunk` found the chunk at another version than it expected.
+    /// A `PutChunk` found the chunk at another version than it expected, or an `AdoptChunk`
+    /// other data than the digest.
     VersionMismatch = 14,
     /// The connection holds no capability that allows the request.
     AccessDenied = 15,
@@ -216,6 +220,21 @@ pub enum Request {
         info: ChunkInfo,
         data: Bytes,
     },
+    /// A chunk's state now and the SHA-256 of its 512 KiB of data as stored (a hole reads as
+    /// zeros): how a repair tells whether a replica's stale-looking chunk already holds the
+    /// data (say, a server killed before its chunk states reached disk).
+    ChunkDigest {
+        volume: VolumeId,
+        chunk: u64,
+    },
+    /// Sets a chunk's state to `info` if its data hash to `digest`, else refuses with
+    /// `VersionMismatch`: repair without a copy, checked where the data are.
+    AdoptChunk {
+        volume: VolumeId,
+        chunk: u64,
+        digest: [u8; 32],
+        info: ChunkInfo,
+    },
     /// Presents a capability the control plane issued to `holder` (`blockfleet_core::token`,
     /// purpose [`CAPABILITY`], subject [`capability_subject`]): from then on this connection
     /// has `rights` on `volume` (`None`: on every volume). Checked when presented.
@@ -235,9 +254,10 @@ pub enum Request {
 
 /// What a capability allows, as bits.
 pub mod rights {
-    /// StatVolume, Read, ChunkState, ReadMark, ListChangedChunks, UnhydratedChunks, ChunkVersions.
+    /// StatVolume, Read, ChunkState, ReadMark, ListChangedChunks, UnhydratedChunks,
+    /// ChunkVersions, ChunkDigest.
     pub const READ: u8 = 1;
-    /// Write, Flush, ResetChunks, PutChunk (a volume's writer, and its repair).
+    /// Write, Flush, ResetChunks, PutChunk, AdoptChunk (a volume's writer, and its repair).
     pub const WRITE: u8 = 2;
     /// WriteIfUnwritten and Flush (hydration: never over a user's write).
     pub const HYDRATE: u8 = 4;
@@ -279,10 +299,12 @@ impl Request {
             | ReadMark { volume, .. }
             | ListChangedChunks { volume, .. }
             | UnhydratedChunks { volume, .. }
-            | ChunkVersions { volume, .. } => (volume, READ | ADMIN),
-            Write { volume, .. } | ResetChunks { volume, .. } | PutChunk { volume, .. } => {
-                (volume, WRITE | ADMIN)
-            }
+            | ChunkVersions { volume, .. }
+            | ChunkDigest { volume, .. } => (volume, READ | ADMIN),
+            Write { volume, .. }
+            | ResetChunks { volume, .. }
+            | PutChunk { volume, .. }
+            | AdoptChunk { volume, .. } => (volume, WRITE | ADMIN),
             WriteIfUnwritten { volume, .. } => (volume, HYDRATE | ADMIN),
             Flush { volume } => (volume, WRITE | HYDRATE | ADMIN),
             Authorize { .. } => return None,
@@ -347,6 +369,11 @@ pub enum Response {
         data: Bytes,
     },
     Chunks(Vec<u64>),
+    /// A chunk's state and the SHA-256 of its data (`ChunkDigest`).
+    Digest {
+        info: ChunkInfo,
+        digest: [u8; 32],
+    },
 }
 
 /// The hello frame (both directions).

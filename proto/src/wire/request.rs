@@ -103,6 +103,23 @@ impl Request {
                 put_volume(&mut b, volume);
                 b.put_u64_le(*chunk);
             }
+            Request::ChunkDigest { volume, chunk } => {
+                b.put_u8(op::CHUNK_DIGEST);
+                put_volume(&mut b, volume);
+                b.put_u64_le(*chunk);
+            }
+            Request::AdoptChunk {
+                volume,
+                chunk,
+                digest,
+                info,
+            } => {
+                b.put_u8(op::ADOPT_CHUNK);
+                put_volume(&mut b, volume);
+                b.put_u64_le(*chunk);
+                b.put_slice(digest);
+                put_chunk_info(&mut b, info);
+            }
             Request::Pause { volume } => {
                 b.put_u8(op::PAUSE);
                 put_volume(&mut b, volume);
@@ -301,6 +318,16 @@ impl Request {
                 volume: r.volume()?,
                 from: r.u64()?,
                 limit: r.u32()?,
+            },
+            op::CHUNK_DIGEST => Request::ChunkDigest {
+                volume: r.volume()?,
+                chunk: r.u64()?,
+            },
+            op::ADOPT_CHUNK => Request::AdoptChunk {
+                volume: r.volume()?,
+                chunk: r.u64()?,
+                digest: r.digest()?,
+                info: chunk_info(&mut r)?,
             },
             op::CHUNK_VERSIONS => Request::ChunkVersions {
                 volume: r.volume()?,

@@ -53,6 +53,11 @@ pub fn encode_response(id: u64, result: &Result<Response, (ErrorCode, String)>) 
                     b.put_u8(reply::CHUNKS);
                     put_u64_list(&mut b, list);
                 }
+                Response::Digest { info, digest } => {
+                    b.put_u8(reply::DIGEST);
+                    put_chunk_info(&mut b, info);
+                    b.put_slice(digest);
+                }
             }
         }
     }
@@ -100,6 +105,10 @@ fn decode_response_from(mut r: Reader<'_>) -> Result<DecodedResponse, DecodeErro
             data: r.data()?,
         },
         reply::CHUNKS => Response::Chunks(u64_list(&mut r, u32::MAX)?),
+        reply::DIGEST => Response::Digest {
+            info: chunk_info(&mut r)?,
+            digest: r.digest()?,
+        },
         other => {
             return Err(DecodeError::BadField {
                 field: "reply kind",

@@ -56,6 +56,21 @@ fn all_requests() -> Vec<Request> {
             volume: v.clone(),
             chunks: vec![1, 7, 9],
         },
+        Request::ChunkDigest {
+            volume: v.clone(),
+            chunk: 4,
+        },
+        Request::AdoptChunk {
+            volume: v.clone(),
+            chunk: 5,
+            digest: [0xab; 32],
+            info: ChunkInfo {
+                hydrated: false,
+                user_written: 1,
+                generation: 3,
+                last_epoch: 1,
+            },
+        },
         Request::PutChunk {
             volume: v.clone(),
             chunk: 2,
@@ -163,6 +178,10 @@ fn responses_round_trip() {
             data: Bytes::from_static(b"xyz"),
         }),
         Ok(Response::Chunks(vec![1, 5, 9])),
+        Ok(Response::Digest {
+            info,
+            digest: [7; 32],
+        }),
         Err((ErrorCode::OutOfRange, "offset 9 beyond".to_owned())),
     ];
     for (i, c) in cases.into_iter().enumerate() {
