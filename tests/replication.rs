@@ -263,6 +263,190 @@ async fn replicas_survive_a_stopped_server_and_converge() {
     fault_cycles(false).await;
 }
 
+/// Replica `addr`'s state as the agent sees it.
+fn replica_state(agent: &AgentVolume, addr: &str) -> blockfleet_volume_client::ReplicaStatus {
+    agent
+        .replicas()
+        .status()
+        .into_iter()
+        .find(|r| r.addr == addr)
+        .unwrap()
+}
+
+/// Faults a block server: kill -9 and restart, or SIGSTOP past the replica timeout (so it is
+/// marked out) and SIGCONT.
+async fn fault(f: &mut Fleet, victim: usize, kill: bool) {
+    if kill {
+        f.kill_block_server(victim);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.restart_block_server(victim);
+    } else {
+        f.signal_block_server(victim, "STOP");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        f.signal_block_server(victim, "CONT");
+    }
+}
+
+/// Each fault lands while the replica the previous fault took is still repairing (seen in
+/// the agent's replica state), so for a while one replica is in sync, one repairing, one out:
+/// no write may fail, since the repairing replica holds every chunk it has been repaired or
+/// written since it rejoined, and a write to a chunk it lacks waits for that chunk's repair.
+async fn faults_during_repair(kill: bool) {
+    let mut f = Fleet::start(FleetOptions::default());
+    let (agent, volume) = open_volume(&f).await;
+    // Paced so that a repair lasts long enough for the next fault to land inside it.
+    agent.replicas().set_repair_pace(Duration::from_millis(40));
+    let model = Arc::new(Model::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&agent, &model, &stop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fault(&mut f, 0, kill).await;
+    let cycles = 10;
+    for cycle in 1..=cycles {
+        let repairing = f.block_server_addr((cycle - 1) % 3).to_owned();
+        let start = Instant::now();
+        loop {
+            let r = replica_state(&agent, &repairing);
+            if r.health == Health::Repairing && r.repair_total - r.repair_done > 4 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "cycle {cycle}: {repairing} never seen repairing: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = model.acked.load(Ordering::Relaxed);
+        fault(&mut f, cycle % 3, kill).await;
+        let during = replica_state(&agent, &repairing);
+        assert_ne!(during.health, Health::Out, "cycle {cycle}: {during:?}");
+        assert!(
+            model.acked.load(Ordering::Relaxed) > before,
+            "cycle {cycle}: no write acknowledged during the fault"
+        );
+        assert_eq!(
+            model.failed.load(Ordering::Relaxed),
+            0,
+            "cycle {cycle}: writes failed with one replica in sync and one repairing"
+        );
+    }
+    wait_in_sync(&agent, Duration::from_secs(120)).await;
+    stop_writers(&stop, writers, &model, "with faults during repairs").await;
+    let m = &agent.replicas().metrics;
+    println!(
+        "{} writes acknowledged over {cycles} {} faults during repairs, {} repairs, {} chunks copied, {} adopted",
+        model.acked.load(Ordering::Relaxed),
+        if kill { "kill -9" } else { "SIGSTOP" },
+        m.repairs.load(Ordering::Relaxed),
+        m.repair_chunks.load(Ordering::Relaxed),
+        m.repair_adopted.load(Ordering::Relaxed),
+    );
+    assert!(m.repairs.load(Ordering::Relaxed) > cycles as u64);
+    check_replicas(&f, &agent, &volume, &model).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_another_replicas_repair_fails_no_write() {
+    faults_during_repair(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigstop_during_another_replicas_repair_fails_no_write() {
+    faults_during_repair(false).await;
+}
+
+/// A server killed after writes whose chunk states never reached its disk (no flush) holds
+/// the data all the same: its repair adopts those chunks by digest and copies none; so does a
+/// kill while the volume is only read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kill_repairs_only_chunks_whose_data_differ() {
+    let mut f = Fleet::start(FleetOptions::default());
+    let (agent, volume) = open_volume(&f).await;
+    let model = Model::new();
+    let rv = agent.replicas();
+    // Unflushed writes over every chunk, then reads only.
+    let mut rng = blockfleet_testkit::Rng::new(7);
+    for chunk in 0..SIZE / (512 << 10) {
+        let mut buf = vec![0u8; UNIT as usize];
+        rng.fill(&mut buf);
+        let at = chunk * (512 << 10) + rng.below(128) * UNIT;
+        agent.write(at, UNIT, Some(&buf), false).await.unwrap();
+        model.data.lock().unwrap()[at as usize..(at + UNIT) as usize].copy_from_slice(&buf);
+    }
+    let reads = {
+        let agent = Arc::clone(&agent);
+        tokio::spawn(async move {
+            for i in 0..2000u64 {
+                agent
+                    .read((i * 7919 * UNIT) % SIZE, UNIT as u32)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let copied = || rv.metrics.repair_chunks.load(Ordering::Relaxed);
+    let adopted = || rv.metrics.repair_adopted.load(Ordering::Relaxed);
+    let repairs = || rv.metrics.repairs.load(Ordering::Relaxed);
+    let (copied0, adopted0, repairs0) = (copied(), adopted(), repairs());
+    f.kill_block_server(1);
+    f.restart_block_server(1);
+    let start = Instant::now();
+    while repairs() == repairs0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no repair ran");
+        // Reads find the closed connection; nothing else would.
+        let _ = agent.read(0, UNIT as u32).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_in_sync(&agent, Duration::from_secs(30)).await;
+    reads.await.unwrap();
+    assert_eq!(copied(), copied0, "repair copied chunks whose data matched");
+    assert_eq!(
+        adopted() - adopted0,
+        SIZE / (512 << 10),
+        "every chunk written since the last flush is checked and adopted"
+    );
+    // A second kill, after a flush and with the volume only read: nothing to repair at all.
+    agent.flush().await.unwrap();
+    let (copied1, adopted1, repairs1) = (copied(), adopted(), repairs());
+    f.kill_block_server(2);
+    f.restart_block_server(2);
+    let start = Instant::now();
+    while repairs() == repairs1 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no repair ran");
+        let _ = agent.read(0, UNIT as u32).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_in_sync(&agent, Duration::from_secs(30)).await;
+    assert_eq!((copied(), adopted()), (copied1, adopted1));
+    check_replicas(&f, &agent, &volume, &model).await;
+}
+
+/// Two of three servers stopped (SIGSTOP): a write fails with a quorum error within a few
+/// replica timeouts, never hangs; once they are back it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stopped_servers_fail_writes_without_hanging() {
+    let f = Fleet::start(FleetOptions::default());
+    let (agent, _volume) = open_volume(&f).await;
+    let data = bytes::Bytes::from(vec![5u8; UNIT as usize]);
+    agent.replicas().write(0, data.clone(), true).await.unwrap();
+    f.signal_block_server(1, "STOP");
+    f.signal_block_server(2, "STOP");
+    let start = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        agent.replicas().write(UNIT, data.clone(), true),
+    )
+    .await
+    .expect("a write with two servers stopped hung");
+    let e = r.unwrap_err();
+    assert!(matches!(e, ClientError::Quorum { .. }), "{e}");
+    println!("failed after {:?}: {e}", start.elapsed());
+    f.signal_block_server(1, "CONT");
+    f.signal_block_server(2, "CONT");
+    wait_in_sync(&agent, Duration::from_secs(30)).await;
+    agent.replicas().write(UNIT, data, true).await.unwrap();
+}
+
 /// With two of three replicas gone a write fails clearly rather than being acknowledged on
 /// one; once they are back the volume is whole, including what was acknowledged before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

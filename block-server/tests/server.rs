@@ -867,7 +867,10 @@ async fn chunk_digests_and_adopting_a_state() {
     assert_eq!((ia.generation, ib.generation), (2, 1));
     // Chunk 1 is a hole on both: the digest of zeros.
     let (_, zero) = c.chunk_digest(&a, 1).await.unwrap();
-    assert_eq!(zero, <[u8; 32]>::from(Sha256::digest(vec![0u8; CHUNK as usize])));
+    assert_eq!(
+        zero,
+        <[u8; 32]>::from(Sha256::digest(vec![0u8; CHUNK as usize]))
+    );
 
     // Other data: refused, nothing changes.
     let e = c.adopt_chunk(&b, 1, da, ia).await.unwrap_err();

@@ -142,6 +142,12 @@ impl AgentMetrics {
         );
         counter(
             out,
+            "blockfleet_agent_repair_adopted_chunks_total",
+            "Chunks a rejoining replica already held (same digest), so not copied.",
+            &r.metrics.repair_adopted,
+        );
+        counter(
+            out,
             "blockfleet_agent_repairs_total",
             "Replicas brought back in sync.",
             &r.metrics.repairs,

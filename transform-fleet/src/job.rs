@@ -94,7 +94,7 @@ enum Source {
     Volume {
         volume: VolumeId,
         addr: String,
-        client: ReplicatedVolume,
+        client: Box<ReplicatedVolume>,
         mark: u64,
         chunks: u64,
     },
@@ -173,7 +173,7 @@ impl JobContext {
                     None => None,
                 };
                 let addr = sv.replicas.join(",");
-                let client = replicas(pool, volume_id, &sv.replicas, sv.size).await;
+                let client = Box::new(replicas(pool, volume_id, &sv.replicas, sv.size).await);
                 let source = Source::Volume {
                     volume: volume_id.clone(),
                     addr,

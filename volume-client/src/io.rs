@@ -24,19 +24,16 @@ impl ReplicatedVolume {
         self.ensure_quorum().await;
         let _gate = self.gate.read().await;
         let chunks = chunk_range(offset, data.len() as u64);
-        self.repair_for(&chunks).await;
-        let _chunks = self.lock_chunks(offset, data.len() as u64).await;
-        self.replicate(
+        self.change(
             Request::Write {
                 volume: self.volume.clone(),
                 offset,
                 fua,
                 data,
             },
-            Some(chunks),
+            chunks,
         )
         .await
-        .map(drop)
     }
 
     /// A flush counts a repairing replica once it holds every chunk: until then it may lack
@@ -66,27 +63,42 @@ impl ReplicatedVolume {
 
     /// Hydrates a chunk on every replica taking writes (a majority must take it).
     pub async fn write_if_unwritten(&self, chunk: u64, data: Bytes) -> Result<(), ClientError> {
-        let chunks = chunk..chunk + 1;
-        self.repair_for(&chunks).await;
-        let _chunks = self.lock_chunks(chunk * CHUNK, CHUNK).await;
-        self.replicate(
+        self.change(
             Request::WriteIfUnwritten {
                 volume: self.volume.clone(),
                 chunk,
                 data,
             },
-            Some(chunks),
+            chunk..chunk + 1,
         )
         .await
-        .map(drop)
     }
 
-    /// Before a change to `chunks` that would lack a majority without a repairing replica
-    /// (one failure while another replica repairs), repairs those chunks on it first, so the
-    /// change waits for that rather than failing.
-    async fn repair_for(&self, chunks: &Range<u64>) {
+    /// Replicates a change to `chunks` under their locks. When it would lack a majority, or
+    /// did, without a repairing replica that lacks those chunks (one failure while another
+    /// replica repairs), those chunks are repaired on that replica first, or after the
+    /// change (from a replica that took it, so the repaired copy holds it too): the change
+    /// waits for that repair rather than failing.
+    async fn change(&self, req: Request, chunks: Range<u64>) -> Result<(), ClientError> {
+        self.repair_for(&chunks).await;
+        let r = {
+            let _locks = self
+                .lock_chunks(chunks.start * CHUNK, (chunks.end - chunks.start) * CHUNK)
+                .await;
+            self.replicate(req, Some(chunks.clone())).await
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(ClientError::Quorum { .. }) if self.repair_for(&chunks).await => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Repairs `chunks` on repairing replicas that lack them when those replicas are needed
+    /// for a majority; returns whether a majority holds them now.
+    async fn repair_for(&self, chunks: &Range<u64>) -> bool {
         if self.holders(Some(chunks)) >= self.quorum() {
-            return;
+            return true;
         }
         let waiting: Vec<(usize, Vec<u64>)> = self
             .lock()
@@ -98,11 +110,12 @@ impl ReplicatedVolume {
         for (i, list) in waiting {
             for c in list {
                 if let Err(e) = self.repair_chunk(i, c).await {
-                    tracing::debug!(volume = %self.volume, chunk = c, error = %e, "repair before a write failed");
+                    tracing::debug!(volume = %self.volume, chunk = c, error = %e, "repair for a write failed");
                     break;
                 }
             }
         }
+        self.holders(Some(chunks)) >= self.quorum()
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {

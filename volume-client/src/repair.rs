@@ -96,10 +96,11 @@ impl ReplicatedVolume {
         let theirs = self
             .within(&addr, all_versions(&client, &self.volume, 0, self.chunks))
             .await?;
-        let got = join_all(sources.iter().map(|(_, _, c)| {
-            self.within(c.addr(), all_versions(c, &self.volume, 0, self.chunks))
-        }))
-        .await;
+        let got =
+            join_all(sources.iter().map(|(_, _, c)| {
+                self.within(c.addr(), all_versions(c, &self.volume, 0, self.chunks))
+            }))
+            .await;
         let mut ours: Vec<Vec<u64>> = Vec::new();
         for ((j, _, _), r) in sources.into_iter().zip(got) {
             match r {
