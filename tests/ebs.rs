@@ -710,7 +710,8 @@ async fn too_many_requests_at_once_are_throttled() {
         match put(&c, &id, 1, &data).await {
             Err(e) => break e,
             Ok(()) => {
-                assert!(start.elapsed() < Duration::from_secs(5), "never throttled");
+                // Generous: under a loaded CI machine one put alone can take seconds.
+                assert!(start.elapsed() < Duration::from_secs(30), "never throttled");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
