@@ -96,7 +96,11 @@ pub enum Command {
     },
     /// Run the whole single-node fleet in this process: embedded KMS, the block servers of
     /// control_plane.block_servers, the control plane and a transform worker, on loopback.
+    /// With a [tls] section, the fleet CA and every role's certificate are made on first start.
     Up,
+    /// The fleet CA for mutual TLS on the block protocol ([tls] dir unless --dir).
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Run the control plane: the HTTP API over volumes, placement and hydration jobs.
     ControlPlane {
         /// Address to listen on (overrides control_plane.listen); port 0 picks a free port.
@@ -280,4 +284,23 @@ pub enum VolumeCommand {
     Detach { volume_id: String },
     /// Delete a volume.
     Rm { volume_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Make the fleet CA (ca.pem, and ca.key at 0600) unless it exists.
+    Init {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Issue ROLE.pem / ROLE.key for a machine NAME, signed by the CA (valid one year); copy
+    /// them with ca.pem to that machine's [tls] dir.
+    Issue {
+        /// control-plane, block-server, transform or host-agent.
+        role: String,
+        /// The machine or service name, recorded in the certificate (a-z, 0-9, '-', '.').
+        name: String,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }

@@ -16,7 +16,8 @@ use anyhow::Context;
 use blockfleet_core::config::{Config, LocalStoreConfig, S3StoreConfig, StoreConfig};
 use clap::Parser;
 
-use cli::{Cli, Command, StoreFlags};
+use blockfleet_core::tls::Role;
+use cli::{CaCommand, Cli, Command, StoreFlags};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -53,9 +54,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// The block-protocol identity a command's process uses as a client (`None`: it opens no
+/// block-protocol connection).
+fn client_role(command: &Command) -> Option<Role> {
+    match command {
+        Command::Up | Command::ControlPlane { .. } => Some(Role::ControlPlane),
+        Command::Transform { .. } => Some(Role::Transform),
+        Command::Attach { .. } => Some(Role::HostAgent),
+        _ => None,
+    }
+}
+
+/// With a `[tls]` section: `up` makes the CA and certificates it lacks; the block server
+/// takes TLS; a client process connects as its role.
+fn set_up_tls(config: &mut Config, command: &Command) -> anyhow::Result<()> {
+    let Some(tls) = config.tls.clone() else {
+        return Ok(());
+    };
+    if matches!(command, Command::Up) {
+        blockfleet_core::tls::ensure(&tls.dir, &Role::ALL, "localhost")?;
+    }
+    config.block_server.tls = Some(tls.clone());
+    if let Some(role) = client_role(command) {
+        let t = blockfleet_proto::Transport::tls(&tls.dir, role)
+            .with_context(|| format!("TLS identity of the {role}"))?;
+        blockfleet_proto::transport::set_default(t);
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = load_config(&cli)?;
+    let mut config = load_config(&cli)?;
+    set_up_tls(&mut config, &cli.command)?;
     match cli.command {
+        Command::Ca(cmd) => ca(&config, cmd),
         Command::Snapshot(cmd) => {
             let cp = cli_client(&cli.control_plane, &config);
             snapshot_cmd::run(&config, cp, cli.output, cmd).await
@@ -167,6 +199,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn ca(config: &Config, cmd: CaCommand) -> anyhow::Result<()> {
+    let dir = |d: Option<std::path::PathBuf>| {
+        d.or_else(|| config.tls.as_ref().map(|t| t.dir.clone()))
+            .context("no [tls] section in the config: give --dir")
+    };
+    match cmd {
+        CaCommand::Init { dir: d } => {
+            let d = dir(d)?;
+            match blockfleet_core::tls::init_ca(&d)? {
+                true => println!("fleet CA made in {}", d.display()),
+                false => println!("fleet CA already in {}: kept", d.display()),
+            }
+        }
+        CaCommand::Issue { role, name, dir: d } => {
+            let d = dir(d)?;
+            let role: Role = role.parse()?;
+            blockfleet_core::tls::issue(&d, role, &name)?;
+            println!(
+                "{} and its key issued for {role} {name}",
+                blockfleet_core::tls::cert_path(&d, role).display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn control_plane_url(flag: &Option<String>, config: &Config) -> String {

@@ -360,3 +360,104 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
     .await
     .expect("the attached host's agent fetches with its token");
 }
+
+/// The block protocol takes mutual TLS with a fleet certificate only: a plain client, a
+/// certificate from another CA and one of a role that has no business there are refused at
+/// connect; a host agent's certificate cannot carry a capability taken from the control plane
+/// (admin, or every volume), while the control plane's can. Nothing changes on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_servers_take_only_fleet_certificates_of_client_roles() {
+    use blockfleet_core::tls::{self, Role};
+    use blockfleet_proto::{BlockClient, Transport};
+    let f = Fleet::start(FleetOptions::default());
+    let addr = f.block_server_addr(0).to_owned();
+    let fleet_ca = common::fleet_tls_dir();
+    let refused_at_connect = |r: Result<BlockClient, blockfleet_proto::ClientError>| match r {
+        Ok(_) => panic!("connected"),
+        Err(e) => e.to_string(),
+    };
+
+    let e = refused_at_connect(BlockClient::connect_with(&addr, &Transport::plain()).await);
+    assert!(e.contains("mutual TLS only"), "{e}");
+
+    // A CA of the attacker's own, with a control-plane certificate: no.
+    let rogue = tempfile::tempdir().unwrap();
+    tls::ensure(rogue.path(), &[Role::ControlPlane], "rogue").unwrap();
+    let t = Transport::tls(rogue.path(), Role::ControlPlane).unwrap();
+    let e = refused_at_connect(BlockClient::connect_with(&addr, &t).await);
+    assert!(
+        e.contains("certificate") || e.contains("closed") || e.contains("reset"),
+        "{e}"
+    );
+
+    // The fleet CA's block-server certificate is not a client identity.
+    let t = Transport::tls(fleet_ca, Role::BlockServer).unwrap();
+    let e = refused_at_connect(BlockClient::connect_with(&addr, &t).await);
+    assert!(!e.is_empty());
+
+    // The client checks the server too: a server with a certificate of another CA is refused.
+    let rogue_server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rogue_addr = rogue_server.local_addr().unwrap().to_string();
+    tls::issue(rogue.path(), Role::BlockServer, "rogue").unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        tls::server_config(rogue.path(), Role::BlockServer).unwrap(),
+    );
+    tokio::spawn(async move {
+        if let Ok((s, _)) = rogue_server.accept().await {
+            let _ = acceptor.accept(s).await;
+        }
+    });
+    let t = Transport::tls(fleet_ca, Role::HostAgent).unwrap();
+    let e = refused_at_connect(BlockClient::connect_with(&rogue_addr, &t).await);
+    assert!(e.contains("certificate"), "{e}");
+
+    // A host agent's certificate with an admin capability (as if stolen off the wire): refused,
+    // and it cannot create a volume; the control plane's certificate may.
+    let key = TokenKey::load_or_create(&f.block_key_file()).unwrap();
+    let agent =
+        BlockClient::connect_with(&addr, &Transport::tls(fleet_ca, Role::HostAgent).unwrap())
+            .await
+            .unwrap();
+    let e = agent.authorize_admin(&key, "stolen").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(blockfleet_proto::ErrorCode::AccessDenied),
+        "{e}"
+    );
+    assert!(e.to_string().contains("host-agent certificate"), "{e}");
+    let v = VolumeId::generate();
+    let e = agent.create_volume(&v, 8 << 20, false).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(blockfleet_proto::ErrorCode::AccessDenied),
+        "{e}"
+    );
+    let cp = BlockClient::connect_with(
+        &addr,
+        &Transport::tls(fleet_ca, Role::ControlPlane).unwrap(),
+    )
+    .await
+    .unwrap();
+    let e = cp.stat_volume(&v).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(blockfleet_proto::ErrorCode::AccessDenied),
+        "{e}"
+    );
+    cp.authorize_admin(&key, "control-plane").await.unwrap();
+    assert!(
+        cp.stat_volume(&v).await.is_err(),
+        "the host agent's refused create made no volume"
+    );
+    // The host agent's own kind of capability (one volume, read and write) is fine.
+    cp.create_volume(&v, 8 << 20, false).await.unwrap();
+    agent
+        .authorize(&blockfleet_proto::Grant::writer(&key, &v, "host-local"))
+        .await
+        .unwrap();
+    agent
+        .write(&v, 0, vec![3u8; 4096].into(), true)
+        .await
+        .unwrap();
+    assert_eq!(agent.read(&v, 0, 4096).await.unwrap()[..], [3u8; 4096][..]);
+}

@@ -8,8 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::SystemTime;
 
 use blockfleet_core::ids::VolumeId;
+use blockfleet_core::tls::Role;
 use blockfleet_core::token::{self, TokenKey};
-use blockfleet_proto::wire::{capability_subject, CAPABILITY, MAX_CAPABILITY_TTL};
+use blockfleet_proto::wire::{
+    capability_subject, rights as wire_rights, CAPABILITY, MAX_CAPABILITY_TTL,
+};
 use blockfleet_proto::{ErrorCode, Request, Response};
 
 type Outcome = Result<Response, (ErrorCode, String)>;
@@ -31,6 +34,8 @@ fn denied(message: String) -> Outcome {
 pub struct Rights {
     all: u8,
     volumes: HashMap<VolumeId, HashMap<String, u8>>,
+    /// The connection's role from its TLS certificate (`None`: plain TCP).
+    peer: Option<Role>,
 }
 
 impl Rights {
@@ -62,8 +67,11 @@ impl Access {
     }
 
     /// The rights of a new connection, registered so revocations reach it.
-    pub fn connection(&self) -> Arc<Mutex<Rights>> {
-        let rights = Arc::new(Mutex::new(Rights::default()));
+    pub fn connection(&self, peer: Option<Role>) -> Arc<Mutex<Rights>> {
+        let rights = Arc::new(Mutex::new(Rights {
+            peer,
+            ..Rights::default()
+        }));
         let mut conns = lock(&self.connections);
         conns.retain(|w| w.strong_count() > 0);
         conns.push(Arc::downgrade(&rights));
@@ -103,6 +111,16 @@ impl Access {
         holder: &str,
         token: &str,
     ) -> Outcome {
+        // Over TLS, what only the control plane does needs the control plane's certificate
+        // too: a capability taken from the network is no use to another role.
+        let peer = lock(rights).peer;
+        if let Some(p) = peer.filter(|p| *p != Role::ControlPlane) {
+            if volume.is_none() || r & wire_rights::ADMIN != 0 {
+                return denied(format!(
+                    "a {p} certificate cannot hold an admin capability or one for every volume"
+                ));
+            }
+        }
         let subject = capability_subject(volume, r, holder);
         if let Err(e) = self
             .key

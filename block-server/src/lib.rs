@@ -61,6 +61,13 @@ pub async fn run(
         blockfleet_core::token::TokenKey::load_or_create(&config.token_key_file)
             .map_err(|e| BlockServerError::Config(e.to_string()))?,
     ));
+    let tls = match &config.tls {
+        Some(t) => Some(
+            blockfleet_core::tls::server_config(&t.dir, blockfleet_core::tls::Role::BlockServer)
+                .map_err(|e| BlockServerError::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
     let store = std::sync::Arc::new(Store::open(&config)?);
     let metrics = match &config.metrics_listen {
         Some(addr) => {
@@ -70,7 +77,7 @@ pub async fn run(
         }
         None => None,
     };
-    server::serve(store.clone(), access, &config, listener, shutdown).await;
+    server::serve(store.clone(), access, tls, &config, listener, shutdown).await;
     if let Some(m) = metrics {
         m.abort();
     }

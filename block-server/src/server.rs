@@ -7,6 +7,11 @@
 //! the right the request takes (`Request::needs`); without, it gets `AccessDenied` and changes
 //! nothing. A capability is checked when presented and kept for the connection's life.
 //!
+//! With the fleet's `[tls]` section a connection must be mutual TLS with a certificate of the
+//! fleet CA naming the control plane, a transform worker or a host agent; a capability for
+//! every volume or with the admin right is then taken from the control plane only. A plain
+//! client gets one plain error frame saying so.
+//!
 //! Bad input: a frame that decodes wrongly gets a typed error reply and the connection goes on;
 //! a frame whose length is over the limit, or one too short to hold a request id, loses the
 //! framing, so the connection is closed. Other connections never notice.
@@ -15,6 +20,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use blockfleet_core::tls::{peer_role, Role};
+use blockfleet_proto::transport::{BoxRead, BoxWrite, TLS_HANDSHAKE};
 use blockfleet_proto::wire::{
     check_frame_len, decode_hello, encode_hello, encode_response, DecodeError,
 };
@@ -24,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 use crate::access::Access;
 use crate::config::BlockServerConfig;
@@ -70,6 +78,7 @@ fn decode_error_code(e: &DecodeError) -> ErrorCode {
 pub async fn serve(
     store: Arc<Store>,
     access: Arc<Access>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     config: &BlockServerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
@@ -87,8 +96,25 @@ pub async fn serve(
                     let access = Arc::clone(&access);
                     let stop = stop_rx.clone();
                     let inflight = config.max_inflight_per_connection;
+                    let acceptor = tls.clone().map(TlsAcceptor::from);
                     conns.spawn(async move {
-                        if let Err(e) = connection(store, access, stream, stop, inflight).await {
+                        let opened = match acceptor {
+                            None => {
+                                let (r, w) = stream.into_split();
+                                Ok((Box::new(r) as BoxRead, Box::new(w) as BoxWrite, None))
+                            }
+                            Some(a) => accept_tls(a, stream).await,
+                        };
+                        let result = match opened {
+                            Ok((r, w, role)) => {
+                                connection(store, access, r, w, role, stop, inflight).await
+                            }
+                            Err(e) => {
+                                tracing::info!(%peer, error = %e, "connection refused");
+                                return;
+                            }
+                        };
+                        if let Err(e) = result {
                             tracing::debug!(%peer, error = %e, "connection closed");
                         }
                     });
@@ -106,14 +132,61 @@ pub async fn serve(
     while conns.join_next().await.is_some() {}
 }
 
+/// Roles whose certificates may open a block-protocol connection.
+const CLIENT_ROLES: [Role; 3] = [Role::ControlPlane, Role::Transform, Role::HostAgent];
+
+/// The TLS handshake, within the handshake timeout; the client's role from its certificate.
+/// A client that speaks plain TCP gets one plain error frame telling it so.
+async fn accept_tls(
+    acceptor: TlsAcceptor,
+    mut stream: TcpStream,
+) -> Result<(BoxRead, BoxWrite, Option<Role>), String> {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first))
+        .await
+        .map_err(|_| "nothing sent in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if peeked == 1 && first[0] != TLS_HANDSHAKE {
+        let msg = "this block server takes mutual TLS only (a fleet certificate: [tls] dir)";
+        let _ = stream
+            .write_all(&encode_response(
+                0,
+                &Err((ErrorCode::AccessDenied, msg.into())),
+            ))
+            .await;
+        return Err("plain TCP client refused".into());
+    }
+    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        .await
+        .map_err(|_| "TLS handshake not done in time".to_owned())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let role = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(peer_role);
+    match role {
+        Some(r) if CLIENT_ROLES.contains(&r) => {
+            let (r_half, w_half) = tokio::io::split(s);
+            Ok((Box::new(r_half), Box::new(w_half), Some(r)))
+        }
+        other => Err(format!(
+            "a certificate of role {} may not use the block protocol",
+            other.map_or("(none)", Role::as_str)
+        )),
+    }
+}
+
 async fn connection(
     store: Arc<Store>,
     access: Arc<Access>,
-    stream: TcpStream,
+    r: BoxRead,
+    w: BoxWrite,
+    peer: Option<Role>,
     mut stop: watch::Receiver<bool>,
     max_inflight: usize,
 ) -> Result<(), String> {
-    let (r, w) = stream.into_split();
     // Buffered both ways: pipelined requests and replies share syscalls.
     let mut r = BufReader::with_capacity(256 * 1024, r);
     let mut w = BufWriter::with_capacity(256 * 1024, w);
@@ -161,7 +234,7 @@ async fn connection(
     });
 
     // Granted by valid Authorize requests; kept until the connection closes or a revocation.
-    let granted = access.connection();
+    let granted = access.connection(peer);
     let permits = Arc::new(Semaphore::new(max_inflight.max(1)));
     let mut tasks = JoinSet::new();
     let outcome = loop {

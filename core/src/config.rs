@@ -64,6 +64,10 @@ pub struct Config {
     /// principal named for the host).
     #[serde(default)]
     pub host_agent: Option<Credentials>,
+    /// Mutual TLS on the block protocol: block servers take only fleet-certified clients,
+    /// clients present their role's certificate. Absent: plain TCP (a trusted network only).
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Config {
@@ -337,6 +341,10 @@ pub struct BlockServerConfig {
     /// plane signs with the same file: every block server and the control plane need it.
     #[serde(default = "default_block_token_key")]
     pub token_key_file: PathBuf,
+    /// The fleet's `[tls]` section, copied here by whoever starts the server: with it the
+    /// server takes only mutual-TLS connections from fleet-certified clients.
+    #[serde(skip)]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 fn default_block_token_key() -> PathBuf {
@@ -365,6 +373,7 @@ impl Default for BlockServerConfig {
             max_inflight_per_connection: default_inflight(),
             metrics_listen: None,
             token_key_file: default_block_token_key(),
+            tls: None,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`object_key`]: object-store key syntax.
 //! - [`fsutil`]: crash-safe file writes (temp file, fsync, rename, fsync directory).
 //! - [`secret_file`]: 32-byte secrets kept in 0600 files, created on first use.
+//! - [`tls`]: the fleet CA and per-role certificates; rustls server and client configs.
 //! - [`token`]: fleet capability tokens (HMAC) the control plane issues and transform workers check.
 
 #[cfg(feature = "aws")]
@@ -23,5 +24,6 @@ pub mod metrics;
 pub mod object_key;
 pub mod secret_file;
 pub mod sigv4;
+pub mod tls;
 pub mod token;
 pub mod units;

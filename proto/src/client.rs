@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::transport::{default_transport, BoxRead, BoxWrite, Transport};
 
 use super::wire::{
     check_frame_len, decode_hello, decode_response, decode_response_bytes, encode_hello, ChunkInfo,
@@ -133,16 +133,22 @@ async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Bytes, String> {
 }
 
 impl BlockClient {
-    /// Connects and completes the versioned handshake.
+    /// Connects over this process's transport (`transport::default_transport`) and
+    /// completes the versioned handshake.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ClientError::Connect {
-                addr: addr.to_owned(),
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
-        let (mut r, mut w) = stream.into_split();
+        Self::connect_with(addr, &default_transport()).await
+    }
+
+    /// Connects over `transport` and completes the versioned handshake.
+    pub async fn connect_with(addr: &str, transport: &Transport) -> Result<Self, ClientError> {
+        let (mut r, mut w) =
+            transport
+                .connect(addr)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    addr: addr.to_owned(),
+                    source,
+                })?;
         let handshake = |reason: String| ClientError::Handshake {
             addr: addr.to_owned(),
             reason,
@@ -150,6 +156,7 @@ impl BlockClient {
         w.write_all(&encode_hello(PROTOCOL_VERSION))
             .await
             .map_err(|e| handshake(e.to_string()))?;
+        w.flush().await.map_err(|e| handshake(e.to_string()))?;
         let body = read_frame(&mut r).await.map_err(handshake)?;
         match decode_hello(&body) {
             Ok(PROTOCOL_VERSION) => {}
@@ -191,7 +198,7 @@ impl BlockClient {
 
     async fn write_loop(
         shared: Arc<Shared>,
-        mut w: BufWriter<OwnedWriteHalf>,
+        mut w: BufWriter<BoxWrite>,
         mut rx: mpsc::UnboundedReceiver<(Bytes, Option<Bytes>)>,
     ) {
         while let Some((head, payload)) = rx.recv().await {
@@ -209,7 +216,7 @@ impl BlockClient {
         }
     }
 
-    async fn read_loop(shared: Arc<Shared>, mut r: BufReader<tokio::net::tcp::OwnedReadHalf>) {
+    async fn read_loop(shared: Arc<Shared>, mut r: BufReader<BoxRead>) {
         let reason = loop {
             let body = match read_frame(&mut r).await {
                 Ok(b) => b,

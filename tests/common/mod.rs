@@ -16,6 +16,7 @@ use blockfleet_api::{AttachVolumeRequest, ControlPlaneClient, CreateVolumeReques
 use blockfleet_core::config::{KmsClientConfig, Secret};
 use blockfleet_core::ids::InstanceId;
 use blockfleet_core::ids::VolumeId;
+use blockfleet_core::tls::Role;
 use blockfleet_host_agent::{AgentVolume, Fetcher};
 use blockfleet_keys::kms::Kms;
 use blockfleet_keys::xts::Xts;
@@ -47,6 +48,22 @@ pub async fn admin_block_client(addr: &str, key_file: &Path) -> blockfleet_proto
 pub fn rw_grant(key_file: &Path, volume: &VolumeId) -> blockfleet_proto::Grant {
     let key = blockfleet_core::token::TokenKey::load_or_create(key_file).unwrap();
     blockfleet_proto::Grant::writer(&key, volume, "test-agent")
+}
+
+/// The fleet CA and every role's certificate, made once per test process and shared by its
+/// fleets (`[tls] dir`); from then on the test process reaches block servers over mutual TLS
+/// as the control plane.
+pub fn fleet_tls_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        blockfleet_core::tls::ensure(d.path(), &Role::ALL, "test").unwrap();
+        blockfleet_proto::transport::set_default(
+            blockfleet_proto::Transport::tls(d.path(), Role::ControlPlane).unwrap(),
+        );
+        d
+    })
+    .path()
 }
 
 pub fn bin() -> Command {
@@ -226,6 +243,8 @@ access_key_id = "AKTF"
 secret_access_key = "tf-secret-0123"
 [fleet]
 token_key_file = "{d}/fleet-token.key"
+[tls]
+dir = "{tls}"
 [client]
 access_key_id = "AKADMIN"
 secret_access_key = "admin-secret-0123"
@@ -263,6 +282,7 @@ secret_access_key = "host-secret-0123"
             background = o.background_mib_per_sec,
             poll_ms = o.poll_ms,
             cp_extra = o.control_plane_extra,
+            tls = fleet_tls_dir().display(),
         );
         let config = dir.path().join("fleet.toml");
         std::fs::write(&config, text).unwrap();
