@@ -1,7 +1,8 @@
 //! `cargo bench --bench nbd`: the host agent (encrypted, over a block server on loopback)
 //! beside `qemu-nbd` serving a raw file on the same disk, in one run: nbdcopy throughput in and
 //! out of a 1 GiB image, and 4 KiB random read and write IOPS at queue depth 32 with fio's nbd
-//! engine. Prints one `BENCH <name> <value> <unit>` line per figure.
+//! engine; then the host agent again with the block protocol over mutual TLS, beside plain TCP.
+//! Prints one `BENCH <name> <value> <unit>` line per figure.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -10,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use blockfleet_block_server::{run, BlockServerConfig};
 use blockfleet_core::ids::VolumeId;
+use blockfleet_core::tls::{Role, TlsConfig};
 use blockfleet_host_agent::AgentVolume;
 use blockfleet_keys::xts::{Xts, XtsKey};
 use blockfleet_proto::BlockClient;
+use blockfleet_proto::Transport;
 use blockfleet_volume_client::ReplicatedVolume;
 
 const SIZE: u64 = 1 << 30;
@@ -144,51 +147,10 @@ fn main() {
     let _ = qemu.wait();
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let ours = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let bs_addr = listener.local_addr().expect("addr").to_string();
-        let config = BlockServerConfig {
-            data_dir: dir.path().join("bs"),
-            token_key_file: dir.path().join("block-token.key"),
-            ..Default::default()
-        };
-        let key = blockfleet_core::token::TokenKey::load_or_create(&config.token_key_file)
-            .expect("block token key");
-        tokio::spawn(run(config, listener, std::future::pending()));
-        let client = Arc::new(BlockClient::connect(&bs_addr).await.expect("connect"));
-        client
-            .authorize_admin(&key, "bench")
-            .await
-            .expect("authorize");
-        let v = VolumeId::generate();
-        client.create_volume(&v, SIZE, false).await.expect("create");
-        let xts = Arc::new(Xts::new(&XtsKey::generate()));
-        let vol = Arc::new(AgentVolume::open(
-            Arc::new(
-                ReplicatedVolume::open(
-                    v.clone(),
-                    std::slice::from_ref(&bs_addr),
-                    Duration::from_secs(5),
-                    Some(blockfleet_proto::Grant::writer(&key, &v, "bench")),
-                )
-                .await
-                .expect("open"),
-            ),
-            Some(xts),
-            None,
-        ));
-        let nbd = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let uri = format!("nbd://{}/{v}", nbd.local_addr().expect("addr"));
-        tokio::spawn(blockfleet_host_agent::run(vol, nbd, std::future::pending()));
-        let (image, out) = (image.clone(), dir.path().join("a.out"));
-        tokio::task::spawn_blocking(move || measure(&uri, &image, &out))
-            .await
-            .expect("measure")
-    });
+    let ours = rt.block_on(serve_ours(dir.path(), &image, None));
+    let tls_dir = dir.path().join("tls");
+    blockfleet_core::tls::ensure(&tls_dir, &Role::ALL, "bench").expect("certificates");
+    let tls = rt.block_on(serve_ours(dir.path(), &image, Some(&tls_dir)));
 
     println!(
         "1 GiB, 2 cores; host agent: XTS-encrypted, block server over loopback, all in one process"
@@ -221,4 +183,97 @@ fn main() {
         "IOPS",
         peer.randwrite,
     );
+    println!("the same over mutual TLS (block protocol), beside plain TCP in this run:");
+    for (name, label, t, p, unit) in [
+        (
+            "nbd_copy_in",
+            "nbdcopy image -> export",
+            tls.copy_in,
+            ours.copy_in,
+            "MB/s",
+        ),
+        (
+            "nbd_copy_out",
+            "nbdcopy export -> file",
+            tls.copy_out,
+            ours.copy_out,
+            "MB/s",
+        ),
+        (
+            "nbd_randread_4k_qd32",
+            "fio nbd randread 4k qd32",
+            tls.randread,
+            ours.randread,
+            "IOPS",
+        ),
+        (
+            "nbd_randwrite_4k_qd32",
+            "fio nbd randwrite 4k qd32",
+            tls.randwrite,
+            ours.randwrite,
+            "IOPS",
+        ),
+    ] {
+        println!(
+            "{label:<44} {t:>10.0} {unit}   plain {p:>10.0} {unit}   ({:.0}%)",
+            100.0 * t / p
+        );
+        println!("BENCH {name}_tls {t:.0} {unit}");
+        println!("BENCH {name}_tls_ratio {:.0} %", 100.0 * t / p);
+    }
+}
+
+/// The host agent over a block server of its own (mutual TLS with `tls`: certificates there),
+/// all in this process; measured as qemu-nbd is.
+async fn serve_ours(dir: &Path, image: &Path, tls: Option<&Path>) -> Figures {
+    let name = if tls.is_some() { "tls" } else { "plain" };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bs_addr = listener.local_addr().expect("addr").to_string();
+    let config = BlockServerConfig {
+        data_dir: dir.join(format!("bs-{name}")),
+        token_key_file: dir.join("block-token.key"),
+        tls: tls.map(|d| TlsConfig { dir: d.to_owned() }),
+        ..Default::default()
+    };
+    // One process: it connects as the control plane (admin) and as the host agent.
+    blockfleet_proto::transport::set_default(match tls {
+        Some(d) => Transport::tls(d, Role::ControlPlane).expect("client certificate"),
+        None => Transport::plain(),
+    });
+    let key = blockfleet_core::token::TokenKey::load_or_create(&config.token_key_file)
+        .expect("block token key");
+    tokio::spawn(run(config, listener, std::future::pending()));
+    let client = Arc::new(BlockClient::connect(&bs_addr).await.expect("connect"));
+    client
+        .authorize_admin(&key, "bench")
+        .await
+        .expect("authorize");
+    let v = VolumeId::generate();
+    client.create_volume(&v, SIZE, false).await.expect("create");
+    let xts = Arc::new(Xts::new(&XtsKey::generate()));
+    let vol = Arc::new(AgentVolume::open(
+        Arc::new(
+            ReplicatedVolume::open(
+                v.clone(),
+                std::slice::from_ref(&bs_addr),
+                Duration::from_secs(5),
+                Some(blockfleet_proto::Grant::writer(&key, &v, "bench")),
+            )
+            .await
+            .expect("open"),
+        ),
+        Some(xts),
+        None,
+    ));
+    let nbd = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let uri = format!("nbd://{}/{v}", nbd.local_addr().expect("addr"));
+    tokio::spawn(blockfleet_host_agent::run(vol, nbd, std::future::pending()));
+    let (image, out) = (image.to_owned(), dir.join(format!("{name}.out")));
+    tokio::task::spawn_blocking(move || measure(&uri, &image, &out))
+        .await
+        .expect("measure")
 }
