@@ -9,7 +9,8 @@
 //! least 85% at QD 32).
 //!
 //! Then repair after a kill -9: three block-server processes, a volume written whole, random
-//! writes (no flush, as fio's default) while one server is killed -9 and restarted at once;
+//! writes (no flush, as fio's default) over all of it, then over its first 32 MiB while one
+//! server is killed -9 and restarted at once;
 //! prints the time from its restart to in sync and the bytes copied, with repair copying every
 //! chunk whose version differs (before: the versions a server persists only at a flush make
 //! every chunk written since look stale) beside repair checking digests first (after).
@@ -259,7 +260,8 @@ struct Repair {
 }
 
 /// Repair of one replica killed -9 under random 4 KiB writes (QD 8, no flush) on a volume of
-/// `REPAIR_SIZE`, with digests checked before copying (`adopt`) or not.
+/// `REPAIR_SIZE` (all of it written since the last flush; the first 32 MiB during the kill),
+/// with digests checked before copying (`adopt`) or not.
 async fn repair_once(adopt: bool) -> Repair {
     const REPAIR_SIZE: u64 = 256 << 20;
     let mut f = common::Fleet::start(common::FleetOptions::default());
@@ -291,16 +293,25 @@ async fn repair_once(adopt: bool) -> Repair {
     }
     rv.flush().await.expect("flush");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // First over the whole volume, then (during the kill) over its first 32 MiB only: every
+    // chunk was written since the last flush, few while the server was down.
+    let hot = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..8u64)
         .map(|t| {
             let (rv, stop, writes) = (Arc::clone(&rv), Arc::clone(&stop), Arc::clone(&writes));
+            let hot = Arc::clone(&hot);
             tokio::spawn(async move {
                 let mut rng = blockfleet_testkit::Rng::new(t + 11);
                 let mut buf = vec![0u8; 4096];
                 while !stop.load(Ordering::Relaxed) {
                     rng.fill(&mut buf);
-                    let at = rng.below(REPAIR_SIZE / 4096) * 4096;
+                    let span = if hot.load(Ordering::Relaxed) {
+                        32 << 20
+                    } else {
+                        REPAIR_SIZE
+                    };
+                    let at = rng.below(span / 4096) * 4096;
                     rv.write(at, Bytes::copy_from_slice(&buf), false)
                         .await
                         .expect("a write failed with one replica down");
@@ -309,8 +320,10 @@ async fn repair_once(adopt: bool) -> Repair {
             })
         })
         .collect();
-    // Long enough for the writes to touch (nearly) every chunk.
+    // Long enough for the writes to touch every chunk.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    hot.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let victim = 2;
     let addr = f.block_server_addr(victim).to_owned();
     let m = &rv.metrics;

@@ -297,7 +297,9 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
 
     // The transform worker decrypts for nobody but the control plane.
     let worker = f.transform.as_ref().unwrap().addr.clone();
-    let tf = JsonClient::new(&worker, Duration::from_secs(10));
+    // (Over HTTPS as a control-plane certificate: TLS admits it, the tokens decide.)
+    let tf = JsonClient::new(&format!("https://{worker}"), Duration::from_secs(10))
+        .expect_role(blockfleet_core::tls::Role::Transform);
     let ask = BlockTransformRequest {
         wrapped_key: wrapped,
         context_volume: v.volume_id.clone(),
@@ -460,4 +462,54 @@ async fn block_servers_take_only_fleet_certificates_of_client_roles() {
         .await
         .unwrap();
     assert_eq!(agent.read(&v, 0, 4096).await.unwrap()[..], [3u8; 4096][..]);
+}
+
+/// Transform workers serve HTTPS only, to control-plane and host-agent certificates of the
+/// fleet CA: plain HTTP, another CA, and another role get no answer; the client side checks
+/// the worker's certificate by role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transform_workers_take_only_fleet_certificates() {
+    use blockfleet_core::tls::{self, Role};
+    let f = Fleet::start(FleetOptions::default());
+    let worker = f.transform.as_ref().unwrap().addr.clone();
+    let unreachable = |r: Result<serde_json::Value, HttpError>| match r {
+        Err(e @ HttpError::Unreachable { .. }) => e.to_string(),
+        other => panic!("reached the worker: {other:?}"),
+    };
+    let ask = FetchRequest {
+        volume_id: VolumeId::generate(),
+        chunks: vec![0],
+    };
+    // Plain HTTP: the handshake fails, no HTTP answer at all.
+    let plain = JsonClient::new(&format!("http://{worker}"), Duration::from_secs(10));
+    unreachable(plain.post("/v1/fetch", &ask).await);
+    // The right CA but the wrong role (a block server's certificate), then another CA: both
+    // are refused by the worker; a worker address checked as another role is refused by us.
+    let https = format!("https://{worker}");
+    let with = |dir: &std::path::Path, role: Role| {
+        JsonClient::new(&https, Duration::from_secs(10))
+            .with_identity(tls::client_config(dir, role).unwrap(), Role::Transform)
+    };
+    let c = with(common::fleet_tls_dir(), Role::BlockServer);
+    unreachable(c.post("/v1/fetch", &ask).await);
+    let rogue = tempfile::tempdir().unwrap();
+    tls::ensure(rogue.path(), &[Role::HostAgent], "rogue").unwrap();
+    let c = with(rogue.path(), Role::HostAgent);
+    let e = unreachable(c.post("/v1/fetch", &ask).await);
+    assert!(
+        e.contains("certificate") || e.contains("closed") || e.contains("reset"),
+        "{e}"
+    );
+    let wrong = JsonClient::new(&https, Duration::from_secs(10)).expect_role(Role::BlockServer);
+    let e = unreachable(wrong.post("/v1/fetch", &ask).await);
+    assert!(
+        e.contains("certificate") || e.contains("NotValidForName"),
+        "{e}"
+    );
+    // A host agent's certificate is let through; the missing token then refuses the fetch.
+    let c = with(common::fleet_tls_dir(), Role::HostAgent);
+    match c.post::<_, serde_json::Value>("/v1/fetch", &ask).await {
+        Err(HttpError::Api(e)) => assert_eq!(e.status, 403, "{e}"),
+        other => panic!("{other:?}"),
+    }
 }

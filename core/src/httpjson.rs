@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -17,9 +18,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use thiserror::Error;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Credentials;
+use crate::tls::Role;
 
 /// The header a fleet capability token travels in (see `crate::token`).
 pub const TOKEN_HEADER: &str = "x-blockfleet-token";
@@ -102,9 +104,23 @@ pub async fn serve<H, F>(
     H: Fn(Parts, Bytes) -> F + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
+    serve_tls(listener, None, shutdown, handler).await
+}
+
+/// As [`serve`], over mutual TLS with `tls`.
+pub async fn serve_tls<H, F>(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    shutdown: impl Future<Output = ()> + Send,
+    handler: H,
+) where
+    H: Fn(Parts, Bytes) -> F + Send + Sync + 'static,
+    F: Future<Output = Reply> + Send + 'static,
+{
     let handler = Arc::new(handler);
-    serve_http(
+    serve_http_tls(
         listener,
+        tls,
         shutdown,
         move |req: Request<hyper::body::Incoming>| {
             let handler = Arc::clone(&handler);
@@ -136,11 +152,84 @@ pub async fn serve_http<H, F>(
     H: Fn(Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    serve_http_tls(listener, None, shutdown, handler).await
+}
+
+/// Mutual TLS for a server: its config (client certificates required) and the roles whose
+/// certificates may connect.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    pub allow: Vec<Role>,
+}
+
+/// The TLS handshake within 10 s, and the client's role checked against `tls.allow`.
+async fn accept_tls(
+    tls: &ServerTls,
+    stream: TcpStream,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+    let s = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+        .await
+        .map_err(|_| "TLS handshake not done in time".to_owned())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let role = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(crate::tls::peer_role);
+    match role {
+        Some(r) if tls.allow.contains(&r) => Ok(s),
+        other => Err(format!(
+            "a certificate of role {} may not call this service",
+            other.map_or("(none)", Role::as_str)
+        )),
+    }
+}
+
+/// One HTTP/1 connection until it closes, or until `stop` (then gracefully).
+async fn serve_connection<I, H, F>(
+    io: I,
+    handler: Arc<H>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let reply = handler(req);
+        async move { Ok::<_, std::convert::Infallible>(reply.await) }
+    });
+    let io = hyper_util::rt::TokioIo::new(io);
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+    tokio::pin!(conn);
+    let stopping = tokio::select! {
+        _ = conn.as_mut() => false,
+        r = stop.wait_for(|s| *s) => r.is_ok(),
+    };
+    if stopping {
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+}
+
+/// As [`serve_http`], over mutual TLS with `tls`.
+pub async fn serve_http_tls<H, F>(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    shutdown: impl Future<Output = ()> + Send,
+    handler: H,
+) where
+    H: Fn(Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let handler = Arc::new(handler);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => {
                 let _ = stop_tx.send(true);
                 break;
@@ -155,22 +244,16 @@ pub async fn serve_http<H, F>(
             },
         };
         let handler = Arc::clone(&handler);
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let reply = handler(req);
-                async move { Ok::<_, std::convert::Infallible>(reply.await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-            tokio::pin!(conn);
-            let stopping = tokio::select! {
-                _ = conn.as_mut() => false,
-                r = stop.wait_for(|s| *s) => r.is_ok(),
-            };
-            if stopping {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+            let _ = stream.set_nodelay(true);
+            match tls {
+                None => serve_connection(stream, handler, stop).await,
+                Some(t) => match accept_tls(&t, stream).await {
+                    Ok(s) => serve_connection(s, handler, stop).await,
+                    Err(e) => tracing::info!(%peer, error = %e, "connection refused"),
+                },
             }
         });
     }
@@ -208,13 +291,36 @@ struct ErrorInner {
     message: String,
 }
 
+/// An HTTP/1 client for `http://` and `https://` URLs; HTTPS as this process's fleet identity,
+/// verifying the server as `name` (default: the URL's host).
+fn https_client(
+    identity: Option<Arc<rustls::ClientConfig>>,
+    name: Option<rustls::pki_types::ServerName<'static>>,
+) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(3)));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let config = identity
+        .map(|c| (*c).clone())
+        .unwrap_or_else(crate::tls::no_identity);
+    let b = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http();
+    let b = match name {
+        Some(n) => b.with_server_name_resolver(FixedServerNameResolver::new(n)),
+        None => b,
+    };
+    Client::builder(TokioExecutor::new()).build(b.enable_http1().wrap_connector(http))
+}
+
 /// A JSON client for one service; with credentials, every request is SigV4-signed for the
 /// fleet's API ([`crate::sigv4::FLEET_SERVICE`]).
 #[derive(Debug, Clone)]
 pub struct JsonClient {
     base: String,
     timeout: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     credentials: Option<Arc<Credentials>>,
 }
 
@@ -226,15 +332,28 @@ impl JsonClient {
         } else {
             format!("http://{base}")
         };
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        connector.set_nodelay(true);
         JsonClient {
             base,
             timeout,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: https_client(crate::tls::client_identity(), None),
             credentials: None,
         }
+    }
+
+    /// For an `https://` base: the server must hold a fleet certificate of `role` (whatever
+    /// its address), and this process presents its own (`tls::set_client_identity`).
+    pub fn expect_role(mut self, role: Role) -> Self {
+        self.client = https_client(
+            crate::tls::client_identity(),
+            Some(crate::tls::server_name(role)),
+        );
+        self
+    }
+
+    /// As [`expect_role`](Self::expect_role), presenting `identity` instead of the process's.
+    pub fn with_identity(mut self, identity: Arc<rustls::ClientConfig>, role: Role) -> Self {
+        self.client = https_client(Some(identity), Some(crate::tls::server_name(role)));
+        self
     }
 
     /// Signs every request with `credentials`.

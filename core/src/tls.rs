@@ -313,6 +313,29 @@ pub fn client_config(dir: &Path, role: Role) -> Result<Arc<ClientConfig>, TlsErr
     Ok(Arc::new(config))
 }
 
+static CLIENT: std::sync::RwLock<Option<Arc<ClientConfig>>> = std::sync::RwLock::new(None);
+
+/// Sets this process's client identity (its role's certificate), used by every fleet
+/// connection it opens from then on: the block protocol and HTTPS to transform workers.
+pub fn set_client_identity(config: Option<Arc<ClientConfig>>) {
+    *CLIENT.write().unwrap_or_else(|p| p.into_inner()) = config;
+}
+
+/// This process's client identity (`None`: plain TCP).
+pub fn client_identity() -> Option<Arc<ClientConfig>> {
+    CLIENT.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// A client config that trusts nothing: what an HTTPS request gets from a process without a
+/// `[tls]` section (it fails with a certificate error, never goes out unverified).
+pub fn no_identity() -> ClientConfig {
+    ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth()
+}
+
 /// The server name a client verifies for a peer of `role` (its certificate's DNS name).
 pub fn server_name(role: Role) -> ServerName<'static> {
     ServerName::try_from(role.dns_name()).expect("role names are DNS names")

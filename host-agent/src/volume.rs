@@ -190,7 +190,8 @@ impl Fetcher {
         let token = token.unwrap_or_default();
         let with_token = |_: &[u8]| token.clone();
         for e in endpoints {
-            let client = JsonClient::new(&e, std::time::Duration::from_secs(30));
+            let client = JsonClient::new(&e, std::time::Duration::from_secs(30))
+                .expect_role(blockfleet_core::tls::Role::Transform);
             match client
                 .post_with::<_, FetchReply>("/v1/fetch", req, Some(&with_token))
                 .await

@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -67,18 +67,15 @@ impl Transport {
     }
 }
 
-static DEFAULT: RwLock<Option<Transport>> = RwLock::new(None);
-
-/// Sets this process's block-protocol transport (its role's identity).
+/// Sets this process's block-protocol transport (its role's identity; also the identity of
+/// its HTTPS requests to transform workers, `blockfleet_core::tls::set_client_identity`).
 pub fn set_default(t: Transport) {
-    *DEFAULT.write().unwrap_or_else(|p| p.into_inner()) = Some(t);
+    tls::set_client_identity(t.tls);
 }
 
 /// This process's transport: plain TCP unless [`set_default`] said otherwise.
 pub fn default_transport() -> Transport {
-    DEFAULT
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .unwrap_or_default()
+    Transport {
+        tls: tls::client_identity(),
+    }
 }

@@ -29,6 +29,7 @@ use blockfleet_api::{
 use blockfleet_core::config::Config;
 use blockfleet_core::httpjson::{self, ApiError, Reply};
 use blockfleet_core::ids::VolumeId;
+use blockfleet_core::tls::Role;
 use blockfleet_core::token::{self, TokenKey};
 use blockfleet_core::units::CHUNK;
 use blockfleet_keys::kms::Kms;
@@ -389,7 +390,18 @@ pub async fn run(
     )
     .await?;
     let token_key = TokenKey::load_or_create(&config.fleet.token_key_file)?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
+    // With [tls], HTTPS only, for the control plane (block transforms) and host agents
+    // (fetches): plaintext and fetch capabilities never cross the network in the clear.
+    let tls = match &config.tls {
+        Some(t) => Some(httpjson::ServerTls {
+            config: blockfleet_core::tls::server_config(&t.dir, Role::Transform)
+                .map_err(|e| TransformError::Config(e.to_string()))?,
+            allow: vec![Role::ControlPlane, Role::HostAgent],
+        }),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = format!("{scheme}://{}", listener.local_addr()?);
     let worker = Arc::new(Worker {
         name: format!("transform@{}", listener.local_addr()?),
         endpoint,
@@ -419,7 +431,7 @@ pub async fn run(
     };
     let w = Arc::clone(&worker);
     let token_key = Arc::new(token_key);
-    httpjson::serve(listener, shutdown, move |parts: Parts, body| {
+    httpjson::serve_tls(listener, tls, shutdown, move |parts: Parts, body| {
         let w = Arc::clone(&w);
         let key = Arc::clone(&token_key);
         async move {

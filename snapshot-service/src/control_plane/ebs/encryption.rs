@@ -111,7 +111,10 @@ impl ControlPlane {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(w.clone())
-                .or_insert_with(|| JsonClient::new(&w, std::time::Duration::from_secs(30)))
+                .or_insert_with(|| {
+                    JsonClient::new(&w, std::time::Duration::from_secs(30))
+                        .expect_role(blockfleet_core::tls::Role::Transform)
+                })
                 .clone();
             match client
                 .post_with::<_, BlockTransformReply>("/v1/transform-block", &req, Some(&sign))
