@@ -14,6 +14,9 @@ use blockfleet_proto::wire::MAX_CHUNK_LIST;
 
 use crate::*;
 
+/// Chunks repaired at once on one replica (unpaced).
+const REPAIR_BATCH: usize = 8;
+
 /// Which side of a chunk repair failed.
 enum Side {
     Source(ClientError),
@@ -138,18 +141,29 @@ impl ReplicatedVolume {
     /// holds them all durably, puts it in sync.
     pub(crate) async fn finish_repair(&self, i: usize) -> Result<(), ClientError> {
         loop {
-            let next = {
+            let next: Vec<u64> = {
                 let m = self.lock();
                 match m.get(i) {
-                    Some(m) if m.health == Health::Repairing => m.pending.first().copied(),
+                    Some(m) if m.health == Health::Repairing => {
+                        m.pending.iter().take(REPAIR_BATCH).copied().collect()
+                    }
                     _ => return Ok(()),
                 }
             };
-            let Some(c) = next else { break };
-            self.repair_chunk(i, c).await?;
+            if next.is_empty() {
+                break;
+            }
             let pace = self.repair_pace_us.load(Ordering::Relaxed);
             if pace > 0 {
+                // Paced: one chunk at a time.
+                self.repair_chunk(i, next[0]).await?;
                 tokio::time::sleep(Duration::from_micros(pace)).await;
+                continue;
+            }
+            // Chunks are independent (each under its own lock): several at once hide the
+            // round trips of digest, adopt and copy.
+            for r in join_all(next.into_iter().map(|c| self.repair_chunk(i, c))).await {
+                r?;
             }
         }
         let Some(client) = self.lock()[i].client.clone() else {
