@@ -291,6 +291,35 @@ struct ErrorInner {
     message: String,
 }
 
+/// Kept-alive clients to a role's servers, one per base URL (one TLS handshake per server,
+/// not per request).
+#[derive(Debug)]
+pub struct Clients {
+    role: Role,
+    timeout: Duration,
+    by_base: std::sync::Mutex<std::collections::HashMap<String, JsonClient>>,
+}
+
+impl Clients {
+    pub fn new(role: Role, timeout: Duration) -> Self {
+        Clients {
+            role,
+            timeout,
+            by_base: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The client for `base`, made on first use.
+    pub fn get(&self, base: &str) -> JsonClient {
+        self.by_base
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(base.to_owned())
+            .or_insert_with(|| JsonClient::new(base, self.timeout).expect_role(self.role))
+            .clone()
+    }
+}
+
 /// An HTTP/1 client for `http://` and `https://` URLs; HTTPS as this process's fleet identity,
 /// verifying the server as `name` (default: the URL's host).
 fn https_client(

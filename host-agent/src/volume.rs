@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use blockfleet_api::{ControlPlaneClient, FetchReply, FetchRequest};
-use blockfleet_core::httpjson::{HttpError, JsonClient};
+use blockfleet_core::httpjson::HttpError;
 use blockfleet_core::ids::VolumeId;
 use blockfleet_core::metrics::{counter, OpMetrics};
 use blockfleet_core::units::CHUNK;
@@ -163,6 +163,8 @@ impl AgentMetrics {
 pub struct Fetcher {
     /// Worker endpoints and the capability they take.
     workers: std::sync::Mutex<(Vec<String>, Option<String>)>,
+    /// One kept-alive client per worker endpoint.
+    clients: blockfleet_core::httpjson::Clients,
     control_plane: Option<ControlPlaneClient>,
 }
 
@@ -174,6 +176,10 @@ impl Fetcher {
     ) -> Self {
         Fetcher {
             workers: std::sync::Mutex::new((endpoints, token)),
+            clients: blockfleet_core::httpjson::Clients::new(
+                blockfleet_core::tls::Role::Transform,
+                std::time::Duration::from_secs(30),
+            ),
             control_plane,
         }
     }
@@ -190,8 +196,7 @@ impl Fetcher {
         let token = token.unwrap_or_default();
         let with_token = |_: &[u8]| token.clone();
         for e in endpoints {
-            let client = JsonClient::new(&e, std::time::Duration::from_secs(30))
-                .expect_role(blockfleet_core::tls::Role::Transform);
+            let client = self.clients.get(&e);
             match client
                 .post_with::<_, FetchReply>("/v1/fetch", req, Some(&with_token))
                 .await

@@ -12,19 +12,29 @@ use blockfleet_api::{
     AttachInfo, ClaimJobRequest, HydrationState, Job, JobOutcome, JobReport, JobSource, JobTarget,
     SourceVolume, VolumeIdRequest,
 };
-use blockfleet_core::httpjson::{parse, ApiError, JsonClient, Reply};
+use blockfleet_core::httpjson::{parse, ApiError, Clients, Reply};
+use blockfleet_core::tls::Role;
 use serde_json::json;
 
 use super::{now_ms, ControlPlane};
 use crate::state::{JobRecord, Lease};
 
 /// Transform workers as the control plane knows them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Workers {
     /// Fetch endpoints by worker name, with when each last reported.
     pub(super) seen: Mutex<HashMap<String, (String, u64)>>,
     /// HTTP clients by endpoint (EBS block transforms reuse their kept-alive connections).
-    pub(super) clients: Mutex<HashMap<String, JsonClient>>,
+    pub(super) clients: Clients,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Workers {
+            seen: Mutex::default(),
+            clients: Clients::new(Role::Transform, std::time::Duration::from_secs(30)),
+        }
+    }
 }
 
 impl ControlPlane {

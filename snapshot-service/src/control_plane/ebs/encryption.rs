@@ -2,7 +2,6 @@
 
 use base64::Engine;
 use blockfleet_api::{BlockTransformReply, BlockTransformRequest};
-use blockfleet_core::httpjson::JsonClient;
 use blockfleet_core::ids::{KmsKeyId, VolumeId};
 use blockfleet_snapshot_format::EncryptionHeader;
 use bytes::Bytes;
@@ -105,17 +104,7 @@ impl ControlPlane {
         };
         for w in self.live_workers() {
             // One client per worker, so blocks reuse its kept-alive connections.
-            let client = self
-                .workers
-                .clients
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(w.clone())
-                .or_insert_with(|| {
-                    JsonClient::new(&w, std::time::Duration::from_secs(30))
-                        .expect_role(blockfleet_core::tls::Role::Transform)
-                })
-                .clone();
+            let client = self.workers.clients.get(&w);
             match client
                 .post_with::<_, BlockTransformReply>("/v1/transform-block", &req, Some(&sign))
                 .await
