@@ -355,6 +355,23 @@ async fn sigstop_during_another_replicas_repair_fails_no_write() {
     faults_during_repair(false).await;
 }
 
+/// kill -9 of block server `i`, restarted at once; returns when a repair has run and every
+/// replica is in sync again.
+async fn kill_and_repair(f: &mut Fleet, agent: &AgentVolume, i: usize) {
+    let repairs = || agent.replicas().metrics.repairs.load(Ordering::Relaxed);
+    let before = repairs();
+    f.kill_block_server(i);
+    f.restart_block_server(i);
+    let start = Instant::now();
+    while repairs() == before {
+        assert!(start.elapsed() < Duration::from_secs(30), "no repair ran");
+        // Reads find the closed connection; nothing else would.
+        let _ = agent.read(0, UNIT as u32).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_in_sync(agent, Duration::from_secs(30)).await;
+}
+
 /// A server killed after writes whose chunk states never reached its disk (no flush) holds
 /// the data all the same: its repair adopts those chunks by digest and copies none; so does a
 /// kill while the volume is only read.
@@ -386,18 +403,8 @@ async fn a_kill_repairs_only_chunks_whose_data_differ() {
     };
     let copied = || rv.metrics.repair_chunks.load(Ordering::Relaxed);
     let adopted = || rv.metrics.repair_adopted.load(Ordering::Relaxed);
-    let repairs = || rv.metrics.repairs.load(Ordering::Relaxed);
-    let (copied0, adopted0, repairs0) = (copied(), adopted(), repairs());
-    f.kill_block_server(1);
-    f.restart_block_server(1);
-    let start = Instant::now();
-    while repairs() == repairs0 {
-        assert!(start.elapsed() < Duration::from_secs(30), "no repair ran");
-        // Reads find the closed connection; nothing else would.
-        let _ = agent.read(0, UNIT as u32).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    wait_in_sync(&agent, Duration::from_secs(30)).await;
+    let (copied0, adopted0) = (copied(), adopted());
+    kill_and_repair(&mut f, &agent, 1).await;
     reads.await.unwrap();
     assert_eq!(copied(), copied0, "repair copied chunks whose data matched");
     assert_eq!(
@@ -407,16 +414,8 @@ async fn a_kill_repairs_only_chunks_whose_data_differ() {
     );
     // A second kill, after a flush and with the volume only read: nothing to repair at all.
     agent.flush().await.unwrap();
-    let (copied1, adopted1, repairs1) = (copied(), adopted(), repairs());
-    f.kill_block_server(2);
-    f.restart_block_server(2);
-    let start = Instant::now();
-    while repairs() == repairs1 {
-        assert!(start.elapsed() < Duration::from_secs(30), "no repair ran");
-        let _ = agent.read(0, UNIT as u32).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    wait_in_sync(&agent, Duration::from_secs(30)).await;
+    let (copied1, adopted1) = (copied(), adopted());
+    kill_and_repair(&mut f, &agent, 2).await;
     assert_eq!((copied(), adopted()), (copied1, adopted1));
     check_replicas(&f, &agent, &volume, &model).await;
 }

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockfleet_core::tls::{peer_role, Role};
+use blockfleet_core::tls::Role;
 use blockfleet_proto::transport::{BoxRead, BoxWrite, TLS_HANDSHAKE};
 use blockfleet_proto::wire::{
     check_frame_len, decode_hello, encode_hello, encode_response, DecodeError,
@@ -31,7 +31,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 
 use crate::access::Access;
 use crate::config::BlockServerConfig;
@@ -96,14 +95,14 @@ pub async fn serve(
                     let access = Arc::clone(&access);
                     let stop = stop_rx.clone();
                     let inflight = config.max_inflight_per_connection;
-                    let acceptor = tls.clone().map(TlsAcceptor::from);
+                    let tls = tls.clone();
                     conns.spawn(async move {
-                        let opened = match acceptor {
+                        let opened = match tls {
                             None => {
                                 let (r, w) = stream.into_split();
                                 Ok((Box::new(r) as BoxRead, Box::new(w) as BoxWrite, None))
                             }
-                            Some(a) => accept_tls(a, stream).await,
+                            Some(c) => accept_tls(c, stream).await,
                         };
                         let result = match opened {
                             Ok((r, w, role)) => {
@@ -138,7 +137,7 @@ const CLIENT_ROLES: [Role; 3] = [Role::ControlPlane, Role::Transform, Role::Host
 /// The TLS handshake, within the handshake timeout; the client's role from its certificate.
 /// A client that speaks plain TCP gets one plain error frame telling it so.
 async fn accept_tls(
-    acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     mut stream: TcpStream,
 ) -> Result<(BoxRead, BoxWrite, Option<Role>), String> {
     let mut first = [0u8; 1];
@@ -156,26 +155,11 @@ async fn accept_tls(
             .await;
         return Err("plain TCP client refused".into());
     }
-    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+    let (s, role) = blockfleet_core::tls::accept(&config, stream, &CLIENT_ROLES, HANDSHAKE_TIMEOUT)
         .await
-        .map_err(|_| "TLS handshake not done in time".to_owned())?
-        .map_err(|e| format!("TLS handshake: {e}"))?;
-    let role = s
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(peer_role);
-    match role {
-        Some(r) if CLIENT_ROLES.contains(&r) => {
-            let (r_half, w_half) = tokio::io::split(s);
-            Ok((Box::new(r_half), Box::new(w_half), Some(r)))
-        }
-        other => Err(format!(
-            "a certificate of role {} may not use the block protocol",
-            other.map_or("(none)", Role::as_str)
-        )),
-    }
+        .map_err(|e| format!("{e} (block protocol)"))?;
+    let (r_half, w_half) = tokio::io::split(s);
+    Ok((Box::new(r_half), Box::new(w_half), Some(role)))
 }
 
 async fn connection(

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use thiserror::Error;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::config::Credentials;
 use crate::tls::Role;
@@ -163,31 +163,6 @@ pub struct ServerTls {
     pub allow: Vec<Role>,
 }
 
-/// The TLS handshake within 10 s, and the client's role checked against `tls.allow`.
-async fn accept_tls(
-    tls: &ServerTls,
-    stream: TcpStream,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
-    let s = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-        .await
-        .map_err(|_| "TLS handshake not done in time".to_owned())?
-        .map_err(|e| format!("TLS handshake: {e}"))?;
-    let role = s
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(crate::tls::peer_role);
-    match role {
-        Some(r) if tls.allow.contains(&r) => Ok(s),
-        other => Err(format!(
-            "a certificate of role {} may not call this service",
-            other.map_or("(none)", Role::as_str)
-        )),
-    }
-}
-
 /// One HTTP/1 connection until it closes, or until `stop` (then gracefully).
 async fn serve_connection<I, H, F>(
     io: I,
@@ -250,10 +225,14 @@ pub async fn serve_http_tls<H, F>(
             let _ = stream.set_nodelay(true);
             match tls {
                 None => serve_connection(stream, handler, stop).await,
-                Some(t) => match accept_tls(&t, stream).await {
-                    Ok(s) => serve_connection(s, handler, stop).await,
-                    Err(e) => tracing::info!(%peer, error = %e, "connection refused"),
-                },
+                Some(t) => {
+                    match crate::tls::accept(&t.config, stream, &t.allow, Duration::from_secs(10))
+                        .await
+                    {
+                        Ok((s, _)) => serve_connection(s, handler, stop).await,
+                        Err(e) => tracing::info!(%peer, error = %e, "connection refused"),
+                    }
+                }
             }
         });
     }

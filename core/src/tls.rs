@@ -341,6 +341,34 @@ pub fn server_name(role: Role) -> ServerName<'static> {
     ServerName::try_from(role.dns_name()).expect("role names are DNS names")
 }
 
+/// The server side of a TLS handshake on `stream`, within `within`: the stream and the role its
+/// client's certificate names, which must be one of `allow`.
+pub async fn accept(
+    config: &Arc<ServerConfig>,
+    stream: tokio::net::TcpStream,
+    allow: &[Role],
+    within: std::time::Duration,
+) -> Result<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Role), String> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+    let s = tokio::time::timeout(within, acceptor.accept(stream))
+        .await
+        .map_err(|_| "TLS handshake not done in time".to_owned())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let role = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(peer_role);
+    match role {
+        Some(r) if allow.contains(&r) => Ok((s, r)),
+        other => Err(format!(
+            "a certificate of role {} may not call this service",
+            other.map_or("(none)", Role::as_str)
+        )),
+    }
+}
+
 /// The role a verified peer certificate names (`None`: none of the fleet's roles).
 pub fn peer_role(cert: &CertificateDer<'_>) -> Option<Role> {
     let ee = webpki::EndEntityCert::try_from(cert).ok()?;

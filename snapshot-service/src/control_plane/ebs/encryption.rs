@@ -102,7 +102,15 @@ impl ControlPlane {
                 crate::control_plane::TRANSFORM_TOKEN_TTL,
             )
         };
-        for w in self.live_workers() {
+        // A worker reports within its poll interval of starting: wait briefly for one rather
+        // than fail an upload during a worker's (re)start.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut workers = self.live_workers();
+        while workers.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            workers = self.live_workers();
+        }
+        for w in workers {
             // One client per worker, so blocks reuse its kept-alive connections.
             let client = self.workers.clients.get(&w);
             match client
