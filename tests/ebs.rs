@@ -733,10 +733,11 @@ async fn too_many_requests_at_once_are_throttled() {
                     }
                     Err(e) => panic!("slow request: {e}"),
                 }
-                // Generous: under a loaded CI machine one put alone can take seconds.
+                // Counted, not timed: on a loaded machine one put alone has taken over 30 s.
                 assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "never throttled ({puts} puts went through)"
+                    puts < 100 && start.elapsed() < Duration::from_secs(180),
+                    "never throttled ({puts} puts went through in {:?})",
+                    start.elapsed()
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
