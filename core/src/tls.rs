@@ -341,6 +341,15 @@ pub fn server_name(role: Role) -> ServerName<'static> {
     ServerName::try_from(role.dns_name()).expect("role names are DNS names")
 }
 
+/// A socket read through a buffer: rustls reads at most 4 KiB per call, so without one a
+/// stream of records costs a system call per 4 KiB (writes pass straight through).
+pub type Buffered = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// `stream` with the read buffer TLS connections use.
+pub fn buffered(stream: tokio::net::TcpStream) -> Buffered {
+    tokio::io::BufReader::with_capacity(256 * 1024, stream)
+}
+
 /// The server side of a TLS handshake on `stream`, within `within`: the stream and the role its
 /// client's certificate names, which must be one of `allow`.
 pub async fn accept(
@@ -348,9 +357,9 @@ pub async fn accept(
     stream: tokio::net::TcpStream,
     allow: &[Role],
     within: std::time::Duration,
-) -> Result<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Role), String> {
+) -> Result<(tokio_rustls::server::TlsStream<Buffered>, Role), String> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
-    let s = tokio::time::timeout(within, acceptor.accept(stream))
+    let s = tokio::time::timeout(within, acceptor.accept(buffered(stream)))
         .await
         .map_err(|_| "TLS handshake not done in time".to_owned())?
         .map_err(|e| format!("TLS handshake: {e}"))?;

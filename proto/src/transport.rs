@@ -58,7 +58,7 @@ impl Transport {
             }
             Some(config) => {
                 let c = tokio_rustls::TlsConnector::from(Arc::clone(config))
-                    .connect(tls::server_name(Role::BlockServer), stream)
+                    .connect(tls::server_name(Role::BlockServer), tls::buffered(stream))
                     .await?;
                 let (r, w) = tokio::io::split(c);
                 Ok((Box::new(r), Box::new(w)))
