@@ -14,7 +14,11 @@ fn text(servers: &[BlockServerView]) -> String {
         out.push(format!(
             "{}  {}{}  {} replicas",
             s.address,
-            if s.reachable { "up" } else { "UNREACHABLE" },
+            match (s.reachable, s.unresponsive) {
+                (_, true) => "UNRESPONSIVE",
+                (true, false) => "up",
+                (false, false) => "UNREACHABLE",
+            },
             if s.draining { "  draining" } else { "" },
             s.volumes.len()
         ));

@@ -589,3 +589,33 @@ async fn drain_moves_replicas_under_load() {
         "not one of the configured",
     );
 }
+
+/// `server ls` answers within its bound while a block server is stopped (SIGSTOP) with a
+/// volume on it: that server shows as unresponsive, the others as up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_ls_answers_with_a_stopped_server() {
+    let f = Fleet::start(FleetOptions::default());
+    let (agent, _volume) = open_volume(&f).await;
+    agent.flush().await.unwrap();
+    let stopped = f.block_server_addr(1).to_owned();
+    f.signal_block_server(1, "STOP");
+    let start = Instant::now();
+    let out = f.ok(&["server", "ls"]);
+    let took = start.elapsed();
+    f.signal_block_server(1, "CONT");
+    assert!(
+        took < Duration::from_secs(5),
+        "server ls took {took:?}:\n{out}"
+    );
+    for line in out.lines().filter(|l| !l.starts_with(' ')) {
+        let want = if line.starts_with(&stopped) {
+            "UNRESPONSIVE"
+        } else {
+            "  up  "
+        };
+        assert!(line.contains(want), "{line:?} (want {want}):\n{out}");
+    }
+    // Back: it answers again.
+    let out = f.ok(&["server", "ls"]);
+    assert!(!out.contains("UNRESPONSIVE"), "{out}");
+}

@@ -233,6 +233,9 @@ pub struct ReplicaView {
 pub struct BlockServerView {
     pub address: String,
     pub reachable: bool,
+    /// Reachable, but it did not answer within the query's bound (stopped, or overloaded).
+    #[serde(default)]
+    pub unresponsive: bool,
     pub draining: bool,
     pub volumes: Vec<ReplicaView>,
 }

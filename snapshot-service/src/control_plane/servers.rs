@@ -25,6 +25,18 @@ const AGENT_FILL_TIMEOUT: Duration = Duration::from_secs(300);
 /// An agent report older than this is not used.
 const REPORT_FRESH_MS: u64 = 5000;
 
+/// How long `DescribeBlockServers` waits for one server's answer.
+const QUERY_BOUND: Duration = Duration::from_secs(2);
+
+/// A block server as one query found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Answers,
+    /// Connected, but no answer within the bound (stopped or overloaded).
+    Unresponsive,
+    Unreachable,
+}
+
 impl ControlPlane {
     /// Block servers being drained: nothing new is placed on them.
     pub(super) fn draining(&self) -> Result<BTreeSet<String>, ApiError> {
@@ -69,19 +81,21 @@ impl ControlPlane {
 
     pub(super) async fn describe_block_servers(&self, _body: &[u8]) -> Reply {
         let draining = self.draining()?;
-        let mut reachable = HashMap::new();
-        for b in &self.config.block_servers {
-            let ok = tokio::time::timeout(Duration::from_secs(2), self.blocks.get(b))
-                .await
-                .is_ok_and(|r| r.is_ok());
-            if !ok {
-                self.blocks.forget(b);
-            }
-            reachable.insert(b.clone(), ok);
-        }
+        // Every server asked at once, each within QUERY_BOUND: one stopped or slow server
+        // shows as unresponsive instead of holding the whole answer.
+        let probes =
+            futures::future::join_all(self.config.block_servers.iter().map(|b| self.probe(b)))
+                .await;
+        let health: HashMap<String, Probe> = self
+            .config
+            .block_servers
+            .iter()
+            .cloned()
+            .zip(probes)
+            .collect();
         let mut views: HashMap<String, Vec<ReplicaView>> = HashMap::new();
         for v in self.state.volumes()? {
-            let behind = self.behind_chunks(&v).await;
+            let behind = self.behind_chunks(&v, &health).await;
             let report = self.fresh_report(&v.id, 0);
             let members = v
                 .placement
@@ -115,7 +129,8 @@ impl ControlPlane {
             .iter()
             .map(|b| BlockServerView {
                 address: b.clone(),
-                reachable: reachable[b],
+                reachable: health[b] != Probe::Unreachable,
+                unresponsive: health[b] == Probe::Unresponsive,
                 draining: draining.contains(b),
                 volumes: views.remove(b).unwrap_or_default(),
             })
@@ -123,38 +138,62 @@ impl ControlPlane {
         Ok(json!({ "servers": servers }))
     }
 
+    /// Whether block server `addr` answers a request within [`QUERY_BOUND`].
+    async fn probe(&self, addr: &str) -> Probe {
+        let Ok(Ok(c)) = tokio::time::timeout(QUERY_BOUND, self.blocks.get(addr)).await else {
+            self.blocks.forget(addr);
+            return Probe::Unreachable;
+        };
+        // Any answer (a volume that does not exist: NotFound) shows the server working.
+        let probe = VolumeId::generate();
+        match tokio::time::timeout(QUERY_BOUND, c.stat_volume(&probe)).await {
+            Ok(Err(e)) if e.code().is_none() => {
+                self.blocks.forget_if_broken(addr, &e);
+                Probe::Unreachable
+            }
+            Ok(_) => Probe::Answers,
+            Err(_) => Probe::Unresponsive,
+        }
+    }
+
     /// Per replica address: how many chunks it holds at a lower version than the newest any
-    /// replica holds (absent: unreachable).
-    async fn behind_chunks(&self, v: &VolumeRecord) -> HashMap<String, u64> {
-        let mut versions: Vec<(String, Vec<u64>)> = Vec::new();
-        let addrs = v
+    /// replica holds (absent: unreachable, unresponsive, or no answer within the bound).
+    async fn behind_chunks(
+        &self,
+        v: &VolumeRecord,
+        health: &HashMap<String, Probe>,
+    ) -> HashMap<String, u64> {
+        let addrs: Vec<&String> = v
             .placement
             .iter()
-            .chain(v.moving.as_ref().map(|(_, to)| to));
-        for a in addrs {
-            let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), self.blocks.get(a)).await
-            else {
-                continue;
-            };
-            let mut all = Vec::new();
-            let n = v.size.div_ceil(CHUNK);
-            let ok = loop {
-                if all.len() as u64 >= n {
-                    break true;
-                }
-                match c.chunk_versions(&v.id, 0, all.len() as u64, 65536).await {
-                    Ok(p) if !p.is_empty() => all.extend(p),
-                    Ok(_) => break true,
-                    Err(e) => {
-                        self.blocks.forget_if_broken(a, &e);
-                        break false;
+            .chain(v.moving.as_ref().map(|(_, to)| to))
+            .filter(|a| health.get(*a).is_none_or(|h| *h == Probe::Answers))
+            .collect();
+        let n = v.size.div_ceil(CHUNK);
+        let got = futures::future::join_all(addrs.iter().map(|a| async move {
+            let c = self.blocks.get(a).await.ok()?;
+            let all = async {
+                let mut all = Vec::new();
+                while (all.len() as u64) < n {
+                    match c.chunk_versions(&v.id, 0, all.len() as u64, 65536).await {
+                        Ok(p) if !p.is_empty() => all.extend(p),
+                        Ok(_) => break,
+                        Err(e) => {
+                            self.blocks.forget_if_broken(a, &e);
+                            return None;
+                        }
                     }
                 }
+                Some(all)
             };
-            if ok {
-                versions.push((a.clone(), all));
-            }
-        }
+            tokio::time::timeout(QUERY_BOUND, all).await.ok().flatten()
+        }))
+        .await;
+        let versions: Vec<(String, Vec<u64>)> = addrs
+            .into_iter()
+            .zip(got)
+            .filter_map(|(a, v)| Some((a.clone(), v?)))
+            .collect();
         let n = versions.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
         let best: Vec<u64> = (0..n)
             .map(|c| {
