@@ -497,6 +497,10 @@ async fn the_aws_cli_uploads_and_downloads() {
         "1",
         "--description",
         "from the CLI",
+        // The longest Timeout: a "minute" is 100 ms here, and the default 60 ran out under
+        // load between the CLI's invocations.
+        "--timeout",
+        "4320",
     ]);
     let id = s["SnapshotId"].as_str().unwrap().to_owned();
     aws(&[
