@@ -72,7 +72,11 @@ fn set_up_tls(config: &mut Config, command: &Command) -> anyhow::Result<()> {
         return Ok(());
     };
     if matches!(command, Command::Up) {
-        blockfleet_core::tls::ensure(&tls.dir, &Role::ALL, "localhost")?;
+        let services = [Role::ControlPlane, Role::BlockServer, Role::Transform];
+        blockfleet_core::tls::ensure(&tls.dir, &services, "localhost")?;
+        // The host agent's certificate names its host, as its capabilities do.
+        let host = &config.control_plane.default_host;
+        blockfleet_core::tls::ensure(&tls.dir, &[Role::HostAgent], host)?;
     }
     config.block_server.tls = Some(tls.clone());
     if let Some(role) = client_role(command) {
@@ -107,7 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(path) => Some(blockfleet_proto::Grant::writer(
                     &blockfleet_core::token::TokenKey::load_or_create(path)?,
                     &volume,
-                    "host-agent",
+                    &config.control_plane.default_host,
                 )),
                 None => None,
             };
@@ -117,6 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     wrapped_key,
                     fetch_endpoints: Vec::new(),
                     fetch_token: None,
+                    host: String::new(),
                     block_grant,
                     control_plane: None,
                     replica_timeout: std::time::Duration::from_millis(replica_timeout_ms),

@@ -175,6 +175,8 @@ pub struct AttachTarget {
     pub fetch_endpoints: Vec<String>,
     /// The capability transform workers take for on-demand fetches of this volume.
     pub fetch_token: Option<String>,
+    /// The host the volume is attached on (the fetch capability's holder).
+    pub host: String,
     /// The block-protocol capability presented to every replica.
     pub block_grant: Option<blockfleet_proto::Grant>,
     /// Asked again for transform workers when none answers.
@@ -199,6 +201,7 @@ pub async fn attach_target(
         wrapped_key: info.wrapped_key,
         fetch_endpoints: info.fetch_endpoints,
         fetch_token: info.fetch_token,
+        host: info.attachment.host,
         block_grant: info.block_grant,
         control_plane: Some(cp),
     })
@@ -250,6 +253,7 @@ pub async fn attach(
             blockfleet_host_agent::Fetcher::new(
                 target.fetch_endpoints,
                 target.fetch_token,
+                target.host,
                 target.control_plane,
             )
         });

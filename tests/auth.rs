@@ -339,6 +339,7 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
     // On-demand fetch: only with the capability of that very volume.
     let fetch = |id: &VolumeId| FetchRequest {
         volume_id: id.clone(),
+        host: "host-local".into(),
         chunks: vec![0],
     };
     let r = tf
@@ -354,6 +355,37 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
         )
         .await;
     assert_eq!(refused(r).0, 403, "another volume's token");
+    let r = tf
+        .post_with::<_, serde_json::Value>(
+            "/v1/fetch",
+            &FetchRequest {
+                host: "host-other".into(),
+                ..fetch(&v.volume_id)
+            },
+            Some(&|_: &[u8]| stolen.clone()),
+        )
+        .await;
+    assert_eq!(refused(r).0, 403, "the token names another host");
+    // Another host's agent, with its own fleet certificate, holding this host's token.
+    let other_host = common::host_agent_tls_dir("host-other");
+    let tf_other = JsonClient::new(&format!("https://{worker}"), Duration::from_secs(10))
+        .with_identity(
+            blockfleet_core::tls::client_config(
+                other_host.path(),
+                blockfleet_core::tls::Role::HostAgent,
+            )
+            .unwrap(),
+            blockfleet_core::tls::Role::Transform,
+        );
+    let r = tf_other
+        .post_with::<_, serde_json::Value>(
+            "/v1/fetch",
+            &fetch(&v.volume_id),
+            Some(&|_: &[u8]| stolen.clone()),
+        )
+        .await;
+    let (status, message) = refused(r);
+    assert_eq!(status, 403, "another host's certificate: {message}");
     tf.post_with::<_, serde_json::Value>(
         "/v1/fetch",
         &fetch(&v.volume_id),
@@ -462,6 +494,47 @@ async fn block_servers_take_only_fleet_certificates_of_client_roles() {
         .await
         .unwrap();
     assert_eq!(agent.read(&v, 0, 4096).await.unwrap()[..], [3u8; 4096][..]);
+
+    // Capabilities are bound to the host: another host's agent (a fleet certificate of the
+    // right role, for host-other) holding host-local's capability reads and writes nothing,
+    // and the capability named for itself is not one the control plane gave it.
+    let other_host = common::host_agent_tls_dir("host-other");
+    let other = BlockClient::connect_with(
+        &addr,
+        &Transport::tls(other_host.path(), Role::HostAgent).unwrap(),
+    )
+    .await
+    .unwrap();
+    let e = other
+        .authorize(&blockfleet_proto::Grant::writer(&key, &v, "host-local"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(blockfleet_proto::ErrorCode::AccessDenied),
+        "{e}"
+    );
+    assert!(e.to_string().contains("host host-local's"), "{e}");
+    let e = other.read(&v, 0, 4096).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(blockfleet_proto::ErrorCode::AccessDenied),
+        "{e}"
+    );
+    let e = other
+        .write(&v, 0, vec![9u8; 4096].into(), true)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(blockfleet_proto::ErrorCode::AccessDenied),
+        "{e}"
+    );
+    assert_eq!(
+        agent.read(&v, 0, 4096).await.unwrap()[..],
+        [3u8; 4096][..],
+        "the refused write changed nothing"
+    );
 }
 
 /// Transform workers serve HTTPS only, to control-plane and host-agent certificates of the
@@ -478,6 +551,7 @@ async fn transform_workers_take_only_fleet_certificates() {
     };
     let ask = FetchRequest {
         volume_id: VolumeId::generate(),
+        host: "host-local".into(),
         chunks: vec![0],
     };
     // Plain HTTP: the handshake fails, no HTTP answer at all.

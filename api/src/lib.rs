@@ -479,7 +479,15 @@ pub struct JobReportReply {
 #[serde(deny_unknown_fields)]
 pub struct FetchRequest {
     pub volume_id: VolumeId,
+    /// The host the volume is attached on (the holder its fetch capability names; over TLS
+    /// the caller's host-agent certificate must name it too).
+    pub host: String,
     pub chunks: Vec<u64>,
+}
+
+/// What a fetch capability signs: the volume and the host whose agent may use it.
+pub fn fetch_subject(volume: &VolumeId, host: &str) -> String {
+    format!("{volume}@{host}")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::SystemTime;
 
 use blockfleet_core::ids::VolumeId;
-use blockfleet_core::tls::Role;
+use blockfleet_core::tls::{Peer, Role};
 use blockfleet_core::token::{self, TokenKey};
 use blockfleet_proto::wire::{
     capability_subject, rights as wire_rights, CAPABILITY, MAX_CAPABILITY_TTL,
@@ -34,8 +34,8 @@ fn denied(message: String) -> Outcome {
 pub struct Rights {
     all: u8,
     volumes: HashMap<VolumeId, HashMap<String, u8>>,
-    /// The connection's role from its TLS certificate (`None`: plain TCP).
-    peer: Option<Role>,
+    /// The connection's TLS peer (`None`: plain TCP).
+    peer: Option<Peer>,
 }
 
 impl Rights {
@@ -67,7 +67,7 @@ impl Access {
     }
 
     /// The rights of a new connection, registered so revocations reach it.
-    pub fn connection(&self, peer: Option<Role>) -> Arc<Mutex<Rights>> {
+    pub fn connection(&self, peer: Option<Peer>) -> Arc<Mutex<Rights>> {
         let rights = Arc::new(Mutex::new(Rights {
             peer,
             ..Rights::default()
@@ -113,11 +113,20 @@ impl Access {
     ) -> Outcome {
         // Over TLS, what only the control plane does needs the control plane's certificate
         // too: a capability taken from the network is no use to another role.
-        let peer = lock(rights).peer;
-        if let Some(p) = peer.filter(|p| *p != Role::ControlPlane) {
+        let peer = lock(rights).peer.clone();
+        if let Some(p) = peer.filter(|p| p.role != Role::ControlPlane) {
             if volume.is_none() || r & wire_rights::ADMIN != 0 {
                 return denied(format!(
-                    "a {p} certificate cannot hold an admin capability or one for every volume"
+                    "a {} certificate cannot hold an admin capability or one for every volume",
+                    p.role
+                ));
+            }
+            // A host agent's capability names its host: one taken from another host (or
+            // handed out for it) is no use to this host's certificate.
+            if p.role == Role::HostAgent && !p.is(holder) {
+                tracing::info!(holder, "capability of another host refused");
+                return denied(format!(
+                    "capability refused: it is host {holder}'s and this certificate is not"
                 ));
             }
         }

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockfleet_core::tls::Role;
+use blockfleet_core::tls::{Peer, Role};
 use blockfleet_proto::transport::{BoxRead, BoxWrite, TLS_HANDSHAKE};
 use blockfleet_proto::wire::{
     check_frame_len, decode_hello, encode_hello, encode_response, DecodeError,
@@ -139,7 +139,7 @@ const CLIENT_ROLES: [Role; 3] = [Role::ControlPlane, Role::Transform, Role::Host
 async fn accept_tls(
     config: Arc<rustls::ServerConfig>,
     mut stream: TcpStream,
-) -> Result<(BoxRead, BoxWrite, Option<Role>), String> {
+) -> Result<(BoxRead, BoxWrite, Option<Peer>), String> {
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first))
         .await
@@ -155,11 +155,12 @@ async fn accept_tls(
             .await;
         return Err("plain TCP client refused".into());
     }
-    let (s, role) = blockfleet_core::tls::accept(&config, stream, &CLIENT_ROLES, HANDSHAKE_TIMEOUT)
-        .await
-        .map_err(|e| format!("{e} (block protocol)"))?;
+    let (s, peer) =
+        blockfleet_core::tls::accept(&config, stream, &CLIENT_ROLES, false, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|e| format!("{e} (block protocol)"))?;
     let (r_half, w_half) = tokio::io::split(s);
-    Ok((Box::new(r_half), Box::new(w_half), Some(role)))
+    Ok((Box::new(r_half), Box::new(w_half), peer))
 }
 
 async fn connection(
@@ -167,7 +168,7 @@ async fn connection(
     access: Arc<Access>,
     r: BoxRead,
     w: BoxWrite,
-    peer: Option<Role>,
+    peer: Option<Peer>,
     mut stop: watch::Receiver<bool>,
     max_inflight: usize,
 ) -> Result<(), String> {

@@ -155,17 +155,20 @@ pub async fn serve_http<H, F>(
     serve_http_tls(listener, None, shutdown, handler).await
 }
 
-/// Mutual TLS for a server: its config (client certificates required) and the roles whose
-/// certificates may connect.
+/// TLS for a server: its config, the roles whose certificates may connect and whether a client
+/// may present none (`anonymous`: the config must allow that too). A handler finds the
+/// client's [`Peer`](crate::tls::Peer) in the request's extensions.
 #[derive(Debug, Clone)]
 pub struct ServerTls {
     pub config: Arc<rustls::ServerConfig>,
     pub allow: Vec<Role>,
+    pub anonymous: bool,
 }
 
 /// One HTTP/1 connection until it closes, or until `stop` (then gracefully).
 async fn serve_connection<I, H, F>(
     io: I,
+    peer: Option<crate::tls::Peer>,
     handler: Arc<H>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
@@ -173,7 +176,10 @@ async fn serve_connection<I, H, F>(
     H: Fn(Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        if let Some(p) = &peer {
+            req.extensions_mut().insert(p.clone());
+        }
         let reply = handler(req);
         async move { Ok::<_, std::convert::Infallible>(reply.await) }
     });
@@ -224,12 +230,12 @@ pub async fn serve_http_tls<H, F>(
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             match tls {
-                None => serve_connection(stream, handler, stop).await,
+                None => serve_connection(stream, None, handler, stop).await,
                 Some(t) => {
-                    match crate::tls::accept(&t.config, stream, &t.allow, Duration::from_secs(10))
-                        .await
+                    let within = Duration::from_secs(10);
+                    match crate::tls::accept(&t.config, stream, &t.allow, t.anonymous, within).await
                     {
-                        Ok((s, _)) => serve_connection(s, handler, stop).await,
+                        Ok((s, peer)) => serve_connection(s, peer, handler, stop).await,
                         Err(e) => tracing::info!(%peer, error = %e, "connection refused"),
                     }
                 }

@@ -1,6 +1,7 @@
 //! The fleet's TLS identities: a fleet CA, and per role a certificate whose names say the role
-//! (DNS name `<role>.blockfleet`, URI `spiffe://blockfleet/<role>/<name>`), so a peer's role is
-//! read from a certificate the fleet CA signed, never from anything the peer claims.
+//! and the holder (DNS names `<role>.blockfleet` and `<name>.<role>.blockfleet`, URI
+//! `spiffe://blockfleet/<role>/<name>`), so a peer's role and name are read from a certificate
+//! the fleet CA signed, never from anything the peer claims.
 //!
 //! Files in the `[tls] dir`: `ca.pem` (every process), `ca.key` (only where certificates are
 //! issued), `<role>.pem` + `<role>.key` (a process of that role). Keys are 0600.
@@ -184,7 +185,8 @@ pub fn issue(dir: &Path, role: Role, name: &str) -> Result<(), TlsError> {
         reason: e.to_string(),
     })?;
     let issuer = Issuer::new(ca_params(), ca_kp);
-    let mut p = CertificateParams::new(vec![role.dns_name()]).map_err(generate)?;
+    let mut p = CertificateParams::new(vec![role.dns_name(), holder_dns_name(role, name)])
+        .map_err(generate)?;
     let uri = format!("spiffe://blockfleet/{role}/{name}");
     p.subject_alt_names
         .push(SanType::URI(uri.try_into().map_err(generate)?));
@@ -207,15 +209,51 @@ pub fn issue(dir: &Path, role: Role, name: &str) -> Result<(), TlsError> {
     Ok(())
 }
 
-/// The single-node start: the CA and a certificate for each of `roles`, made where missing.
+/// The single-node start: the CA and a certificate for each of `roles` naming `name`, made
+/// where missing or naming another holder (e.g. one made before certificates named holders).
 pub fn ensure(dir: &Path, roles: &[Role], name: &str) -> Result<(), TlsError> {
     init_ca(dir)?;
     for &r in roles {
-        if !cert_path(dir, r).exists() {
+        let current = std::fs::read(cert_path(dir, r)).ok().is_some_and(|pem| {
+            CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .and_then(Result::ok)
+                .is_some_and(|c| names_holder(&c, r, name))
+        });
+        if !current {
             issue(dir, r, name)?;
         }
     }
     Ok(())
+}
+
+/// The DNS name that says a certificate of `role` belongs to `name`.
+fn holder_dns_name(role: Role, name: &str) -> String {
+    format!("{name}.{}", role.dns_name())
+}
+
+/// Whether a verified peer certificate is `role`'s certificate for holder `name` (a host
+/// agent's is named for its host).
+pub fn names_holder(cert: &CertificateDer<'_>, role: Role, name: &str) -> bool {
+    let Ok(n) = ServerName::try_from(holder_dns_name(role, name)) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(cert)
+        .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&n).is_ok())
+}
+
+/// A verified TLS peer: its role and certificate.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub role: Role,
+    pub cert: CertificateDer<'static>,
+}
+
+impl Peer {
+    /// Whether this peer's certificate was issued to holder `name`.
+    pub fn is(&self, name: &str) -> bool {
+        names_holder(&self.cert, self.role, name)
+    }
 }
 
 fn missing_hint(role: Option<Role>) -> String {
@@ -287,10 +325,29 @@ fn rustls_err(e: impl fmt::Display) -> TlsError {
 
 /// A server of `role` that takes only clients with a certificate from the fleet CA.
 pub fn server_config(dir: &Path, role: Role) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider())
-            .build()
-            .map_err(rustls_err)?;
+    make_server_config(dir, role, false)
+}
+
+/// A server of `role` whose clients may present a fleet certificate or none (an API that
+/// authenticates callers otherwise too, e.g. SigV4); a certificate of another CA is refused.
+pub fn server_config_optional_client(
+    dir: &Path,
+    role: Role,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    make_server_config(dir, role, true)
+}
+
+fn make_server_config(
+    dir: &Path,
+    role: Role,
+    anonymous: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider());
+    if anonymous {
+        builder = builder.allow_unauthenticated();
+    }
+    let verifier = builder.build().map_err(rustls_err)?;
     let (certs, key) = identity(dir, role)?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -310,6 +367,17 @@ pub fn client_config(dir: &Path, role: Role) -> Result<Arc<ClientConfig>, TlsErr
         .with_root_certificates(roots(dir)?)
         .with_client_auth_cert(certs, key)
         .map_err(rustls_err)?;
+    Ok(Arc::new(config))
+}
+
+/// A client trusting only the fleet CA that presents no certificate of its own (an operator's
+/// or user's CLI: it authenticates with SigV4).
+pub fn anonymous_client_config(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(rustls_err)?
+        .with_root_certificates(roots(dir)?)
+        .with_no_client_auth();
     Ok(Arc::new(config))
 }
 
@@ -350,27 +418,36 @@ pub fn buffered(stream: tokio::net::TcpStream) -> Buffered {
     tokio::io::BufReader::with_capacity(256 * 1024, stream)
 }
 
-/// The server side of a TLS handshake on `stream`, within `within`: the stream and the role its
-/// client's certificate names, which must be one of `allow`.
+/// The server side of a TLS handshake on `stream`, within `within`: the stream and its client,
+/// whose certificate must name one of `allow`; with `anonymous`, a client may also present
+/// none (`None`: it authenticates otherwise, e.g. SigV4).
 pub async fn accept(
     config: &Arc<ServerConfig>,
     stream: tokio::net::TcpStream,
     allow: &[Role],
+    anonymous: bool,
     within: std::time::Duration,
-) -> Result<(tokio_rustls::server::TlsStream<Buffered>, Role), String> {
+) -> Result<(tokio_rustls::server::TlsStream<Buffered>, Option<Peer>), String> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
     let s = tokio::time::timeout(within, acceptor.accept(buffered(stream)))
         .await
         .map_err(|_| "TLS handshake not done in time".to_owned())?
         .map_err(|e| format!("TLS handshake: {e}"))?;
-    let role = s
+    let cert = s
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(peer_role);
-    match role {
-        Some(r) if allow.contains(&r) => Ok((s, r)),
+        .map(|c| c.clone().into_owned());
+    let Some(cert) = cert else {
+        return if anonymous {
+            Ok((s, None))
+        } else {
+            Err("no client certificate".to_owned())
+        };
+    };
+    match peer_role(&cert) {
+        Some(role) if allow.contains(&role) => Ok((s, Some(Peer { role, cert }))),
         other => Err(format!(
             "a certificate of role {} may not call this service",
             other.map_or("(none)", Role::as_str)

@@ -163,6 +163,8 @@ impl AgentMetrics {
 pub struct Fetcher {
     /// Worker endpoints and the capability they take.
     workers: std::sync::Mutex<(Vec<String>, Option<String>)>,
+    /// The host the volume is attached on (the capability's holder).
+    host: String,
     /// One kept-alive client per worker endpoint.
     clients: blockfleet_core::httpjson::Clients,
     control_plane: Option<ControlPlaneClient>,
@@ -172,10 +174,12 @@ impl Fetcher {
     pub fn new(
         endpoints: Vec<String>,
         token: Option<String>,
+        host: String,
         control_plane: Option<ControlPlaneClient>,
     ) -> Self {
         Fetcher {
             workers: std::sync::Mutex::new((endpoints, token)),
+            host,
             clients: blockfleet_core::httpjson::Clients::new(
                 blockfleet_core::tls::Role::Transform,
                 std::time::Duration::from_secs(30),
@@ -221,6 +225,7 @@ impl Fetcher {
     async fn fetch(&self, volume: &VolumeId, chunks: Vec<u64>) -> Result<(), Errno> {
         let req = FetchRequest {
             volume_id: volume.clone(),
+            host: self.host.clone(),
             chunks,
         };
         if let Some(r) = self.try_endpoints(&req).await {

@@ -58,12 +58,25 @@ pub fn fleet_tls_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         blockfleet_core::tls::ensure(d.path(), &Role::ALL, "test").unwrap();
+        // The host agent's names the test fleets' host, as its capabilities do.
+        blockfleet_core::tls::ensure(d.path(), &[Role::HostAgent], "host-local").unwrap();
         blockfleet_proto::transport::set_default(
             blockfleet_proto::Transport::tls(d.path(), Role::ControlPlane).unwrap(),
         );
         d
     })
     .path()
+}
+
+/// A TLS dir holding a host-agent certificate of the test fleets' CA for host `name`.
+pub fn host_agent_tls_dir(name: &str) -> tempfile::TempDir {
+    let fleet = fleet_tls_dir();
+    let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(fleet.join(f), d.path().join(f)).unwrap();
+    }
+    blockfleet_core::tls::issue(d.path(), Role::HostAgent, name).unwrap();
+    d
 }
 
 pub fn bin() -> Command {
@@ -401,6 +414,7 @@ secret_access_key = "host-secret-0123"
             Fetcher::new(
                 info.fetch_endpoints.clone(),
                 info.fetch_token.clone(),
+                info.attachment.host.clone(),
                 Some(self.host_cp.clone()),
             )
         });

@@ -74,6 +74,22 @@ fn check_token(
         })
 }
 
+/// Over TLS, a host agent's certificate must name the host a fetch is for: a capability
+/// taken from another host is no use to it.
+fn check_host_certificate(parts: &Parts, host: &str) -> Result<(), ApiError> {
+    match parts.extensions.get::<blockfleet_core::tls::Peer>() {
+        Some(p) if p.role == Role::HostAgent && !p.is(host) => {
+            tracing::info!(host, "fetch for another host refused");
+            Err(ApiError::new(
+                403,
+                "AccessDenied",
+                format!("this host agent's certificate is not host {host}'s"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Spaces background chunk reads to a byte rate.
 #[derive(Debug)]
 struct Pacer {
@@ -397,6 +413,7 @@ pub async fn run(
             config: blockfleet_core::tls::server_config(&t.dir, Role::Transform)
                 .map_err(|e| TransformError::Config(e.to_string()))?,
             allow: vec![Role::ControlPlane, Role::HostAgent],
+            anonymous: false,
         }),
         None => None,
     };
@@ -447,9 +464,12 @@ pub async fn run(
                     w.transform_block(body).await
                 }
                 ("POST", "/v1/fetch") => {
-                    // Only the host agent of the attached instance holds this volume's token.
+                    // Only the host agent of the attached instance holds this volume's token,
+                    // and over TLS only that host's certificate may present it.
                     let req: FetchRequest = httpjson::parse(&body)?;
-                    check_token(&key, &parts, token::FETCH, req.volume_id.as_str())?;
+                    let subject = blockfleet_api::fetch_subject(&req.volume_id, &req.host);
+                    check_token(&key, &parts, token::FETCH, &subject)?;
+                    check_host_certificate(&parts, &req.host)?;
                     let start = Instant::now();
                     let r = w.fetch(req).await;
                     w.metrics.fetch.record(0, r.is_ok(), start.elapsed());

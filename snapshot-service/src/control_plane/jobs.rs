@@ -310,7 +310,7 @@ impl ControlPlane {
             block_grant: Some(Grant::writer(&self.block_key, &v.id, &caller.name)),
             fetch_token: Some(self.token_key.issue(
                 token::FETCH,
-                v.id.as_str(),
+                &blockfleet_api::fetch_subject(&v.id, &a.attachment.host),
                 SystemTime::now(),
                 super::FETCH_TOKEN_TTL,
             )),
