@@ -150,6 +150,7 @@ fn main() {
             credentials: Some(("AKEBS", &secret)),
             environment: Ok(()),
             max_attempts: 1,
+            fleet_role: None,
             timeouts: aws_config::timeout::TimeoutConfig::builder().build(),
         })
         .await;

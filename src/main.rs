@@ -72,17 +72,38 @@ fn set_up_tls(config: &mut Config, command: &Command) -> anyhow::Result<()> {
         return Ok(());
     };
     if matches!(command, Command::Up) {
-        let services = [Role::ControlPlane, Role::BlockServer, Role::Transform];
+        let services = [
+            Role::ControlPlane,
+            Role::BlockServer,
+            Role::Transform,
+            Role::Kms,
+        ];
         blockfleet_core::tls::ensure(&tls.dir, &services, "localhost")?;
         // The host agent's certificate names its host, as its capabilities do.
         let host = &config.control_plane.default_host;
         blockfleet_core::tls::ensure(&tls.dir, &[Role::HostAgent], host)?;
     }
     config.block_server.tls = Some(tls.clone());
-    if let Some(role) = client_role(command) {
-        let t = blockfleet_proto::Transport::tls(&tls.dir, role)
-            .with_context(|| format!("TLS identity of the {role}"))?;
-        blockfleet_proto::transport::set_default(t);
+    config.control_plane.tls = Some(tls.clone());
+    config.kms_server.tls = Some(tls.clone());
+    if !matches!(command, Command::Ca(_)) {
+        // AWS SDK clients (KMS) trust the fleet's own KMS by the fleet CA.
+        blockfleet_core::tls::set_fleet_ca(&tls.dir)
+            .context("the fleet CA ([tls] dir) to verify the KMS")?;
+    }
+    match client_role(command) {
+        Some(role) => {
+            let t = blockfleet_proto::Transport::tls(&tls.dir, role)
+                .with_context(|| format!("TLS identity of the {role}"))?;
+            blockfleet_proto::transport::set_default(t);
+        }
+        // The CLI: trusts the fleet CA (the control plane's HTTPS), signs with SigV4.
+        None if !matches!(command, Command::Ca(_)) => {
+            let c = blockfleet_core::tls::anonymous_client_config(&tls.dir)
+                .context("the fleet CA ([tls] dir) to verify the control plane")?;
+            blockfleet_core::tls::set_client_identity(Some(c));
+        }
+        None => {}
     }
     Ok(())
 }
@@ -233,8 +254,13 @@ fn ca(config: &Config, cmd: CaCommand) -> anyhow::Result<()> {
 }
 
 fn control_plane_url(flag: &Option<String>, config: &Config) -> String {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     flag.clone()
-        .unwrap_or_else(|| format!("http://{}", config.control_plane.listen))
+        .unwrap_or_else(|| format!("{scheme}://{}", config.control_plane.listen))
 }
 
 /// The CLI's control-plane client: signs with `[client]` (the API refuses unsigned calls).

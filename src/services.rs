@@ -127,7 +127,12 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
     }
 
     let cp_listener = bind(&config.control_plane.listen).await?;
-    println!("control-plane  http://{}", cp_listener.local_addr()?);
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("control-plane  {scheme}://{}", cp_listener.local_addr()?);
     if let Some(e) = &config.control_plane.ebs_listen {
         println!("ebs-direct     http://{e}");
     }
@@ -136,7 +141,7 @@ pub async fn up(config: &Config) -> anyhow::Result<()> {
     tasks.spawn(async move { run_control_plane(&c, cp_listener, s).await });
 
     let tf_listener = bind(&config.transform.listen).await?;
-    println!("transform      http://{}", tf_listener.local_addr()?);
+    println!("transform      {scheme}://{}", tf_listener.local_addr()?);
     let c = config.clone();
     let s = stopped();
     tasks.spawn(async move {

@@ -18,10 +18,39 @@ use blockfleet_core::sigv4::{sign_request, FLEET_REGION, FLEET_SERVICE};
 use blockfleet_core::token::{self, TokenKey};
 use common::{Fleet, FleetOptions};
 
-/// POSTs raw bytes with `headers` and returns the status and body (no client library in the
-/// way: what an attacker on the network can send).
+/// POSTs raw bytes with `headers` over HTTPS (trusting the fleet CA, presenting no
+/// certificate) and returns the status and body (no client library in the way: what an
+/// attacker on the network can send).
 fn raw_post(addr: &str, path: &str, headers: &[(String, String)], body: &[u8]) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    let config = blockfleet_core::tls::anonymous_client_config(common::fleet_tls_dir()).unwrap();
+    let conn = rustls::ClientConnection::new(
+        config,
+        blockfleet_core::tls::server_name(blockfleet_core::tls::Role::ControlPlane),
+    )
+    .unwrap();
+    raw_post_on(
+        rustls::StreamOwned::new(conn, tcp),
+        addr,
+        path,
+        headers,
+        body,
+    )
+}
+
+/// The same request in the clear.
+fn raw_post_plain(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    raw_post_on(tcp, addr, path, &[], body)
+}
+
+fn raw_post_on(
+    mut s: impl Read + Write,
+    addr: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> (u16, String) {
     let mut req = format!(
         "POST {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
@@ -34,8 +63,11 @@ fn raw_post(addr: &str, path: &str, headers: &[(String, String)], body: &[u8]) -
     req += "\r\n";
     s.write_all(req.as_bytes()).unwrap();
     s.write_all(body).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let mut out = Vec::new();
+    // A TLS peer closing without close_notify is fine here: the reply is whole or the
+    // parse below fails.
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
     let status = out[9..12].parse().unwrap();
     let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
     (status, body)
@@ -171,6 +203,15 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
             assert!(body.contains("AuthFailure"), "{action} {what}: {body}");
         }
     }
+    // In the clear, nothing is read or served: one clear error says HTTPS. The same for the
+    // KMS, whose Decrypt replies are plaintext keys.
+    let (status, body) = raw_post_plain(&addr, "/v1/DescribeVolumes", b"{}");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("HttpsOnly"), "{body}");
+    let kms_addr = f.kms_endpoint.trim_start_matches("https://").to_owned();
+    let (status, body) = raw_post_plain(&kms_addr, "/", b"{}");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("HttpsOnly"), "{body}");
     // A correctly signed request whose body was altered on the way.
     let mut headers = signed(
         &addr,
@@ -241,6 +282,50 @@ async fn callers_without_the_right_identity_are_refused_and_change_nothing() {
     );
     let info = f.host_cp.attach_info(&v.volume_id).await.unwrap();
     let wrapped = info.wrapped_key.clone().expect("an encrypted volume's key");
+
+    // A host agent's secret alone is not enough over TLS: it must come with that host's
+    // certificate (not another host's, not none); with it, the agent is served.
+    let creds = |id: &str, secret: &str| blockfleet_core::config::Credentials {
+        access_key_id: id.into(),
+        secret_access_key: blockfleet_core::config::Secret::new(secret),
+    };
+    let host_creds = creds("AKHOSTCP", "hostcp-secret-0123");
+    let https = format!("https://{addr}");
+    let as_host = |dir: &std::path::Path| {
+        blockfleet_api::ControlPlaneClient::with_identity(
+            &https,
+            Some(&host_creds),
+            blockfleet_core::tls::client_config(dir, blockfleet_core::tls::Role::HostAgent)
+                .unwrap(),
+        )
+    };
+    let other_cert = common::host_agent_tls_dir("host-other");
+    let (status, message) = refused(as_host(other_cert.path()).attach_info(&v.volume_id).await);
+    assert_eq!(status, 403, "another host's certificate: {message}");
+    let no_cert = blockfleet_api::ControlPlaneClient::with_identity(
+        &https,
+        Some(&host_creds),
+        blockfleet_core::tls::anonymous_client_config(common::fleet_tls_dir()).unwrap(),
+    );
+    assert_eq!(
+        refused(no_cert.attach_info(&v.volume_id).await).0,
+        403,
+        "no certificate"
+    );
+    let tf_no_cert = blockfleet_api::ControlPlaneClient::with_identity(
+        &https,
+        Some(&creds("AKTFCP", "tfcp-secret-0123")),
+        blockfleet_core::tls::anonymous_client_config(common::fleet_tls_dir()).unwrap(),
+    );
+    assert_eq!(
+        refused(tf_no_cert.job_for_volume(&v.volume_id).await).0,
+        403
+    );
+    let own = as_host(common::fleet_tls_dir())
+        .attach_info(&v.volume_id)
+        .await
+        .unwrap();
+    assert_eq!(own.wrapped_key.as_deref(), Some(wrapped.as_str()));
 
     // Block servers: a connection without a capability reads, writes and deletes nothing; the
     // attached host's capability opens its volume only.
@@ -538,7 +623,7 @@ async fn block_servers_take_only_fleet_certificates_of_client_roles() {
 }
 
 /// Transform workers serve HTTPS only, to control-plane and host-agent certificates of the
-/// fleet CA: plain HTTP, another CA, and another role get no answer; the client side checks
+/// fleet CA: plain HTTP gets one `HttpsOnly` error, another CA and another role no answer; the client side checks
 /// the worker's certificate by role.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transform_workers_take_only_fleet_certificates() {
@@ -554,9 +639,12 @@ async fn transform_workers_take_only_fleet_certificates() {
         host: "host-local".into(),
         chunks: vec![0],
     };
-    // Plain HTTP: the handshake fails, no HTTP answer at all.
+    // Plain HTTP: nothing is served, one clear error says HTTPS.
     let plain = JsonClient::new(&format!("http://{worker}"), Duration::from_secs(10));
-    unreachable(plain.post("/v1/fetch", &ask).await);
+    assert_eq!(
+        refused(plain.post::<_, serde_json::Value>("/v1/fetch", &ask).await),
+        (400, "HttpsOnly".into())
+    );
     // The right CA but the wrong role (a block server's certificate), then another CA: both
     // are refused by the worker; a worker address checked as another role is refused by us.
     let https = format!("https://{worker}");

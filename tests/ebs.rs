@@ -29,6 +29,7 @@ async fn client(f: &Fleet, akid: &str, secret: &str) -> aws_sdk_ebs::Client {
         credentials: Some((akid, &secret)),
         environment: Ok(()),
         max_attempts: 1,
+        fleet_role: None,
         timeouts: aws_config::timeout::TimeoutConfig::builder().build(),
     })
     .await;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use blockfleet_core::httpjson::{HttpError, JsonClient};
 use blockfleet_core::ids::{InstanceId, KmsKeyId, SnapshotId, VolumeId};
+use blockfleet_core::tls::Role;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -526,10 +527,26 @@ pub struct ControlPlaneClient {
 
 impl ControlPlaneClient {
     /// A client of the control plane at `base`, signing with `credentials` (every call needs
-    /// them; without, the control plane refuses).
+    /// them; without, the control plane refuses). An `https://` base is verified as the fleet's
+    /// control plane, and this process's fleet certificate (if any) is presented.
     pub fn new(base: &str, credentials: Option<&blockfleet_core::config::Credentials>) -> Self {
         ControlPlaneClient {
-            http: JsonClient::new(base, Duration::from_secs(60)).with_credentials(credentials),
+            http: JsonClient::new(base, Duration::from_secs(60))
+                .expect_role(Role::ControlPlane)
+                .with_credentials(credentials),
+        }
+    }
+
+    /// As [`new`](Self::new), presenting `identity` instead of the process's certificate.
+    pub fn with_identity(
+        base: &str,
+        credentials: Option<&blockfleet_core::config::Credentials>,
+        identity: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Self {
+        ControlPlaneClient {
+            http: JsonClient::new(base, Duration::from_secs(60))
+                .with_identity(identity, Role::ControlPlane)
+                .with_credentials(credentials),
         }
     }
 

@@ -92,7 +92,7 @@ pub enum MetaError {
 
 impl Meta {
     pub fn open(path: &std::path::Path) -> Result<Self, sled::Error> {
-        let db = sled::Config::new().path(path).open()?;
+        let db = open_when_released(path)?;
         Ok(Meta {
             volumes: db.open_tree("volumes")?,
             chunks: db.open_tree("chunks")?,
@@ -194,6 +194,25 @@ impl Meta {
 
     pub fn flush(&self) -> Result<(), sled::Error> {
         self.db.flush().map(|_| ())
+    }
+}
+
+/// Opens the sled database at `path`, waiting up to 2 s for its file lock: a server restarted
+/// in the same process may find the previous instance's sled flusher thread still holding it
+/// for a moment after the last handle was dropped.
+fn open_when_released(path: &std::path::Path) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(sled::Error::Io(e))
+                if (e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock"))
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -22,6 +22,9 @@ pub struct Endpoint<'a> {
     pub environment: Result<(), &'static str>,
     pub max_attempts: u32,
     pub timeouts: TimeoutConfig,
+    /// The fleet role an `https://` endpoint may be (its certificate from the fleet CA, named
+    /// for the role), beside any server the system's roots vouch for for its URL.
+    pub fleet_role: Option<crate::tls::Role>,
 }
 
 /// Credentials that never load: the config named none and did not allow the environment's.
@@ -42,11 +45,20 @@ impl aws_credential_types::provider::ProvideCredentials for NoCredentials {
 }
 
 pub async fn sdk_config(e: Endpoint<'_>) -> SdkConfig {
-    let http_client = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
+    let mut builder = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(
+        tls::rustls_provider::CryptoMode::Ring,
+    ));
+    if let (Some(role), Some(ca)) = (e.fleet_role, crate::tls::fleet_ca()) {
+        let name =
+            tls::ServerName::try_from(role.dns_name().as_str()).expect("role names are DNS names");
+        let context = tls::TlsContext::builder()
+            .with_trust_store(tls::TrustStore::default().with_pem_certificate(ca))
+            .with_additional_server_names(vec![name])
+            .build()
+            .expect("a TLS context of roots and names builds");
+        builder = builder.tls_context(context);
+    }
+    let http_client = builder.build_https();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .http_client(http_client)
         .region(Region::new(e.region.to_owned()))

@@ -99,6 +99,12 @@ impl Config {
         if let Some(c) = &self.host_agent {
             c.validate("host_agent")?;
         }
+        if self.tls.is_some() && !self.transform.control_plane.starts_with("https://") {
+            return Err(invalid(
+                "transform.control_plane",
+                "with [tls] the control plane takes HTTPS only: an https:// URL",
+            ));
+        }
         Ok(())
     }
 }
@@ -506,6 +512,10 @@ pub struct KmsServerConfig {
     pub region: String,
     #[serde(default)]
     pub principals: Vec<KmsPrincipal>,
+    /// The fleet's `[tls]` section, copied here by whoever starts the KMS: with it the KMS
+    /// serves HTTPS only (its `kms` certificate), so no key crosses the network in the clear.
+    #[serde(skip)]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 fn default_kms_listen() -> String {
@@ -526,6 +536,7 @@ impl Default for KmsServerConfig {
             root_key_file: default_root_key_file(),
             region: default_kms_region(),
             principals: Vec::new(),
+            tls: None,
         }
     }
 }

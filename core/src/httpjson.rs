@@ -196,6 +196,43 @@ async fn serve_connection<I, H, F>(
     }
 }
 
+/// A TLS server's first look at a connection: a client speaking plain HTTP gets one clear
+/// error reply (`HttpsOnly`) instead of a failed handshake, and the connection is closed.
+async fn refuse_plain_http(
+    mut stream: tokio::net::TcpStream,
+    within: Duration,
+) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(within, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] != crate::tls::TLS_HANDSHAKE => {
+            let body = serde_json::json!({"error": {
+                "code": "HttpsOnly",
+                "message": "this service takes HTTPS only (a fleet CA: [tls] dir; https:// URLs)",
+            }})
+            .to_string();
+            let reply = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            // Read the request first: closing with it unread would reset the connection
+            // and lose the reply.
+            let mut head = vec![0u8; 64 * 1024];
+            let _ = tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::io::AsyncReadExt::read(&mut stream, &mut head),
+            )
+            .await;
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            None
+        }
+        Ok(Ok(_)) => Some(stream),
+        _ => None,
+    }
+}
+
 /// As [`serve_http`], over mutual TLS with `tls`.
 pub async fn serve_http_tls<H, F>(
     listener: TcpListener,
@@ -233,6 +270,9 @@ pub async fn serve_http_tls<H, F>(
                 None => serve_connection(stream, None, handler, stop).await,
                 Some(t) => {
                     let within = Duration::from_secs(10);
+                    let Some(stream) = refuse_plain_http(stream, within).await else {
+                        return;
+                    };
                     match crate::tls::accept(&t.config, stream, &t.allow, t.anonymous, within).await
                     {
                         Ok((s, peer)) => serve_connection(s, peer, handler, stop).await,

@@ -38,14 +38,17 @@ pub enum Role {
     BlockServer,
     Transform,
     HostAgent,
+    /// The embedded KMS (a server only: AWS SDK clients verify it, present no certificate).
+    Kms,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [
+    pub const ALL: [Role; 5] = [
         Role::ControlPlane,
         Role::BlockServer,
         Role::Transform,
         Role::HostAgent,
+        Role::Kms,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl Role {
             Role::BlockServer => "block-server",
             Role::Transform => "transform",
             Role::HostAgent => "host-agent",
+            Role::Kms => "kms",
         }
     }
 
@@ -90,7 +94,7 @@ pub enum TlsError {
     Bad { path: PathBuf, reason: String },
     #[error("{}: missing ({hint})", path.display())]
     Missing { path: PathBuf, hint: String },
-    #[error("unknown role {0:?}: one of control-plane, block-server, transform, host-agent")]
+    #[error("unknown role {0:?}: one of control-plane, block-server, transform, host-agent, kms")]
     Role(String),
     #[error("certificate name {0:?}: 1 to 64 of a-z, 0-9, '-', '.'")]
     Name(String),
@@ -226,6 +230,9 @@ pub fn ensure(dir: &Path, roles: &[Role], name: &str) -> Result<(), TlsError> {
     }
     Ok(())
 }
+
+/// The first byte of a TLS handshake record: how a TLS-only server tells a plain client.
+pub const TLS_HANDSHAKE: u8 = 0x16;
 
 /// The DNS name that says a certificate of `role` belongs to `name`.
 fn holder_dns_name(role: Role, name: &str) -> String {
@@ -379,6 +386,22 @@ pub fn anonymous_client_config(dir: &Path) -> Result<Arc<ClientConfig>, TlsError
         .with_root_certificates(roots(dir)?)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+static FLEET_CA: std::sync::RwLock<Option<Vec<u8>>> = std::sync::RwLock::new(None);
+
+/// Sets the fleet CA (`ca.pem`'s bytes) this process's AWS SDK clients trust for an
+/// `https://` endpoint of the fleet's own KMS, beside the system's roots.
+pub fn set_fleet_ca(dir: &Path) -> Result<(), TlsError> {
+    roots(dir)?;
+    let pem = read(&ca_cert_path(dir), None)?;
+    *FLEET_CA.write().unwrap_or_else(|p| p.into_inner()) = Some(pem);
+    Ok(())
+}
+
+/// The fleet CA set by [`set_fleet_ca`], PEM.
+pub fn fleet_ca() -> Option<Vec<u8>> {
+    FLEET_CA.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 static CLIENT: std::sync::RwLock<Option<Arc<ClientConfig>>> = std::sync::RwLock::new(None);

@@ -159,7 +159,21 @@ pub async fn run(
         region: config.region.clone(),
         principals,
     });
-    blockfleet_core::httpjson::serve_http(listener, shutdown, move |req| {
+    // With [tls], HTTPS only: Decrypt's replies are plaintext keys. Callers authenticate by
+    // SigV4 (AWS SDKs present no certificate).
+    let tls = match &config.tls {
+        Some(t) => {
+            use blockfleet_core::tls::Role;
+            Some(blockfleet_core::httpjson::ServerTls {
+                config: blockfleet_core::tls::server_config_optional_client(&t.dir, Role::Kms)
+                    .map_err(|e| KmsServerError::Config(e.to_string()))?,
+                allow: vec![Role::ControlPlane, Role::Transform, Role::HostAgent],
+                anonymous: true,
+            })
+        }
+        None => None,
+    };
+    blockfleet_core::httpjson::serve_http_tls(listener, tls, shutdown, move |req| {
         handle(Arc::clone(&state), req)
     })
     .await;

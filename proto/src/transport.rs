@@ -15,8 +15,7 @@ use blockfleet_core::tls::{self, Role, TlsError};
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
-/// The first byte of a TLS handshake record: how a TLS-only server tells a plain client.
-pub const TLS_HANDSHAKE: u8 = 0x16;
+pub use blockfleet_core::tls::TLS_HANDSHAKE;
 
 /// Plain TCP or mutual TLS as one client identity.
 #[derive(Clone, Default)]

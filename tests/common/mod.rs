@@ -60,6 +60,7 @@ pub fn fleet_tls_dir() -> &'static Path {
         blockfleet_core::tls::ensure(d.path(), &Role::ALL, "test").unwrap();
         // The host agent's names the test fleets' host, as its capabilities do.
         blockfleet_core::tls::ensure(d.path(), &[Role::HostAgent], "host-local").unwrap();
+        blockfleet_core::tls::set_fleet_ca(d.path()).unwrap();
         blockfleet_proto::transport::set_default(
             blockfleet_proto::Transport::tls(d.path(), Role::ControlPlane).unwrap(),
         );
@@ -175,7 +176,7 @@ impl Fleet {
             access_key_id: access_key_id.into(),
             secret_access_key: blockfleet_core::config::Secret::new(secret),
         };
-        ControlPlaneClient::new(&format!("http://{addr}"), Some(&creds))
+        ControlPlaneClient::new(&format!("https://{addr}"), Some(&creds))
     }
 
     pub fn start(o: FleetOptions) -> Fleet {
@@ -237,12 +238,12 @@ name = "uploader"
 access_key_id = "AKEBS"
 secret_access_key = "ebs-secret-0123"
 [control_plane.kms]
-endpoint = "http://127.0.0.1:{kms}"
+endpoint = "https://127.0.0.1:{kms}"
 access_key_id = "AKCP"
 secret_access_key = "cp-secret-0123"
 [transform]
 listen = "127.0.0.1:{tf}"
-control_plane = "http://127.0.0.1:{cp}"
+control_plane = "https://127.0.0.1:{cp}"
 concurrency = {concurrency}
 background_mib_per_sec = {background}
 poll_ms = {poll_ms}
@@ -251,7 +252,7 @@ metrics_listen = "127.0.0.1:{tfm}"
 access_key_id = "AKTFCP"
 secret_access_key = "tfcp-secret-0123"
 [transform.kms]
-endpoint = "http://127.0.0.1:{kms}"
+endpoint = "https://127.0.0.1:{kms}"
 access_key_id = "AKTF"
 secret_access_key = "tf-secret-0123"
 [fleet]
@@ -265,7 +266,7 @@ secret_access_key = "admin-secret-0123"
 access_key_id = "AKHOSTCP"
 secret_access_key = "hostcp-secret-0123"
 [kms]
-endpoint = "http://127.0.0.1:{kms}"
+endpoint = "https://127.0.0.1:{kms}"
 access_key_id = "AKHOST"
 secret_access_key = "host-secret-0123"
 [kms_server]
@@ -335,7 +336,7 @@ secret_access_key = "host-secret-0123"
             host_cp: Fleet::client(&control_plane.addr, "AKHOSTCP", "hostcp-secret-0123"),
             control_plane,
             transform: None,
-            kms_endpoint: format!("http://127.0.0.1:{kms}"),
+            kms_endpoint: format!("https://127.0.0.1:{kms}"),
             ebs_endpoint: format!("http://127.0.0.1:{ebs}"),
             transform_metrics: tfm,
             control_plane_metrics: cpm,

@@ -57,6 +57,10 @@ pub struct ControlPlaneConfig {
     /// `RequestThrottledException` (SDKs back off and retry).
     #[serde(default = "default_ebs_inflight")]
     pub ebs_max_inflight: usize,
+    /// The fleet's `[tls]` section, copied here by whoever starts the control plane: with it
+    /// the API is HTTPS only, and fleet roles' calls need their certificates.
+    #[serde(skip)]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 fn default_ebs_inflight() -> usize {
@@ -115,6 +119,7 @@ impl Default for ControlPlaneConfig {
             ebs_principals: Vec::new(),
             ebs_timeout_minute_ms: default_minute_ms(),
             ebs_max_inflight: default_ebs_inflight(),
+            tls: None,
         }
     }
 }

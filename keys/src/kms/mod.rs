@@ -130,6 +130,7 @@ impl Kms {
                 )
             },
             max_attempts: 3,
+            fleet_role: Some(blockfleet_core::tls::Role::Kms),
             timeouts: aws_config::timeout::TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(3))
                 .operation_timeout(Duration::from_secs(30))

@@ -38,6 +38,7 @@ impl S3Store {
             // Object-store credentials (no data keys) may come from the AWS environment.
             environment: Ok(()),
             max_attempts: config.max_attempts,
+            fleet_role: None,
             timeouts: TimeoutConfig::builder()
                 .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
                 .operation_attempt_timeout(Duration::from_secs(config.attempt_timeout_secs))

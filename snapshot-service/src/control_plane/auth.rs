@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use blockfleet_core::config::{FleetPrincipal, FleetRole};
 use blockfleet_core::httpjson::ApiError;
 use blockfleet_core::sigv4::{self, SigV4Error, FLEET_SERVICE};
+use blockfleet_core::tls::{Peer, Role};
 use hyper::http::request::Parts;
 
 use super::ControlPlane;
@@ -92,11 +93,40 @@ impl ControlPlane {
                 format!("principal {} ({:?}) may not call {action}", p.name, p.role),
             ));
         }
+        if self.config.tls.is_some() {
+            check_certificate(p, parts.extensions.get::<Peer>())?;
+        }
         Ok(Caller {
             name: p.name.clone(),
             role: p.role,
         })
     }
+}
+
+/// Over TLS, a fleet role's secret alone is not enough: a host agent's principal must come
+/// with that host's host-agent certificate, a transform's with a transform certificate (or
+/// either with the control plane's own, as `blockfleet up` runs them in one process). Users
+/// and admins authenticate by SigV4 alone.
+fn check_certificate(p: &FleetPrincipal, peer: Option<&Peer>) -> Result<(), ApiError> {
+    let ok = match (p.role, peer) {
+        (FleetRole::Admin | FleetRole::User, _) => true,
+        (_, Some(peer)) if peer.role == Role::ControlPlane => true,
+        (FleetRole::HostAgent, Some(peer)) => peer.role == Role::HostAgent && peer.is(&p.name),
+        (FleetRole::Transform, Some(peer)) => peer.role == Role::Transform,
+        (_, None) => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let shown = peer.map_or("none".to_owned(), |c| format!("a {} certificate", c.role));
+    Err(ApiError::new(
+        403,
+        "AccessDenied",
+        format!(
+            "principal {} ({:?}) must call with its own fleet certificate (presented: {shown})",
+            p.name, p.role
+        ),
+    ))
 }
 
 /// A host agent acts only on volumes attached on its host.

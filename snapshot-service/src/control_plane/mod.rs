@@ -35,6 +35,7 @@ use blockfleet_core::config::{ControlPlaneConfig, KmsClientConfig};
 use blockfleet_core::httpjson::{self, ApiError, Reply};
 use blockfleet_core::ids::{SnapshotId, VolumeId};
 use blockfleet_core::metrics::OpMetrics;
+use blockfleet_core::tls::Role;
 use blockfleet_core::token::TokenKey;
 use blockfleet_keys::kms::{Kms, KmsError};
 use blockfleet_proto::{BlockPool, ClientError};
@@ -312,8 +313,19 @@ pub async fn run(
         }
         None => None,
     };
+    // With [tls], HTTPS only: fleet roles present their certificates (checked per call with
+    // the principal, auth.rs), users and operators may present none (SigV4 alone).
+    let tls = match &cp.config.tls {
+        Some(t) => Some(httpjson::ServerTls {
+            config: blockfleet_core::tls::server_config_optional_client(&t.dir, Role::ControlPlane)
+                .map_err(|e| ControlPlaneError::Config(e.to_string()))?,
+            allow: vec![Role::ControlPlane, Role::Transform, Role::HostAgent],
+            anonymous: true,
+        }),
+        None => None,
+    };
     let handler_cp = Arc::clone(&cp);
-    httpjson::serve(listener, shutdown, move |parts, body| {
+    httpjson::serve_tls(listener, tls, shutdown, move |parts, body| {
         Arc::clone(&handler_cp).route(parts, body)
     })
     .await;
