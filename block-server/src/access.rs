@@ -4,6 +4,7 @@
 //! refuse the capabilities it was given before.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::SystemTime;
 
@@ -14,6 +15,7 @@ use blockfleet_proto::wire::{
     capability_subject, rights as wire_rights, CAPABILITY, MAX_CAPABILITY_TTL,
 };
 use blockfleet_proto::{ErrorCode, Request, Response};
+use serde::{Deserialize, Serialize};
 
 type Outcome = Result<Response, (ErrorCode, String)>;
 
@@ -54,16 +56,50 @@ pub struct Access {
     key: TokenKey,
     /// (volume, holder) -> capabilities expiring at or before this (unix ms) are refused.
     revoked: Mutex<HashMap<(VolumeId, String), u64>>,
+    /// Where revocations are kept across restarts (`None`: in memory only).
+    revoked_file: Option<PathBuf>,
     connections: Mutex<Vec<Weak<Mutex<Rights>>>>,
 }
 
+/// One revocation as kept on disk.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Revoked {
+    volume: VolumeId,
+    holder: String,
+    until_ms: u64,
+}
+
 impl Access {
-    pub fn new(key: TokenKey) -> Self {
-        Access {
-            key,
-            revoked: Mutex::default(),
-            connections: Mutex::default(),
+    /// The server's access checks under block token `key`, keeping revocations in `file` so a
+    /// restarted server still
+    /// refuses a detached host's capabilities until they expire. A file that does not parse
+    /// is an error (deleting it lets revocations lapse within a capability's lifetime, 1 h).
+    pub fn with_revocations(key: TokenKey, file: PathBuf) -> Result<Self, String> {
+        let mut revoked = HashMap::new();
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let list: Vec<Revoked> = serde_json::from_slice(&bytes).map_err(|e| {
+                    format!(
+                        "{}: not a revocation list ({e}); delete it to start without \
+                         (detached hosts' capabilities then lapse within 1 h)",
+                        file.display()
+                    )
+                })?;
+                let now = now();
+                for r in list.into_iter().filter(|r| r.until_ms >= now) {
+                    revoked.insert((r.volume, r.holder), r.until_ms);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", file.display())),
         }
+        Ok(Access {
+            key,
+            revoked: Mutex::new(revoked),
+            revoked_file: Some(file),
+            connections: Mutex::default(),
+        })
     }
 
     /// The rights of a new connection, registered so revocations reach it.
@@ -170,6 +206,25 @@ impl Access {
         let mut revoked = lock(&self.revoked);
         revoked.retain(|_, u| *u >= now());
         revoked.insert((volume.clone(), holder.to_owned()), until);
+        if let Some(file) = &self.revoked_file {
+            // Durable before the control plane hears "done": a restart keeps refusing.
+            let list: Vec<Revoked> = revoked
+                .iter()
+                .map(|((v, h), u)| Revoked {
+                    volume: v.clone(),
+                    holder: h.clone(),
+                    until_ms: *u,
+                })
+                .collect();
+            let bytes = serde_json::to_vec(&list).unwrap_or_default();
+            if let Err(e) = blockfleet_core::fsutil::write_atomic(file, &bytes, 0o600) {
+                tracing::error!(file = %file.display(), error = %e, "cannot keep a revocation");
+                return Err((
+                    ErrorCode::Io,
+                    format!("cannot keep the revocation durably: {e}"),
+                ));
+            }
+        }
         drop(revoked);
         let mut cut = 0;
         for c in lock(&self.connections).iter().filter_map(Weak::upgrade) {

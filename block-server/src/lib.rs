@@ -49,6 +49,9 @@ pub enum BlockServerError {
 /// Opens the store under `config.data_dir` and serves it on `listener` until `shutdown`
 /// resolves; then stops accepting, lets in-flight requests finish, flushes and marks the store
 /// cleanly shut down.
+/// Revocations (detaches) kept across restarts, in the data directory.
+pub const REVOCATIONS_FILE: &str = "revoked.json";
+
 pub async fn run(
     config: BlockServerConfig,
     listener: TcpListener,
@@ -57,10 +60,8 @@ pub async fn run(
     config
         .validate()
         .map_err(|e| BlockServerError::Config(e.to_string()))?;
-    let access = std::sync::Arc::new(access::Access::new(
-        blockfleet_core::token::TokenKey::load_or_create(&config.token_key_file)
-            .map_err(|e| BlockServerError::Config(e.to_string()))?,
-    ));
+    let key = blockfleet_core::token::TokenKey::load_or_create(&config.token_key_file)
+        .map_err(|e| BlockServerError::Config(e.to_string()))?;
     let tls = match &config.tls {
         Some(t) => Some(
             blockfleet_core::tls::server_config(&t.dir, blockfleet_core::tls::Role::BlockServer)
@@ -69,6 +70,10 @@ pub async fn run(
         None => None,
     };
     let store = std::sync::Arc::new(Store::open(&config)?);
+    let access = std::sync::Arc::new(
+        access::Access::with_revocations(key, config.data_dir.join(REVOCATIONS_FILE))
+            .map_err(BlockServerError::Config)?,
+    );
     let metrics = match &config.metrics_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr).await?;

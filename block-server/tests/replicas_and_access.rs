@@ -305,4 +305,41 @@ async fn revoke_cuts_open_connections_and_earlier_capabilities() {
         .await
         .unwrap();
     c.read(&v, 0, 4096).await.unwrap();
+    drop((a, b, c, admin));
+
+    // A restart does not forget: the capability held before the revocation is still refused,
+    // the later one still taken.
+    let s = s.restart().await;
+    let c = s.plain_client().await;
+    assert_eq!(
+        c.authorize(&old).await.unwrap_err().code(),
+        Some(ErrorCode::AccessDenied),
+        "a revoked capability taken after a restart"
+    );
+    c.authorize(&Grant::issue(&key, Some(&v), READ, "host-a", ttl))
+        .await
+        .unwrap();
+    c.read(&v, 0, 4096).await.unwrap();
+    drop(c);
+
+    // A revocation list that does not parse stops the server at start with the file named,
+    // and is left as it was.
+    let file = s
+        .config
+        .data_dir
+        .join(blockfleet_block_server::REVOCATIONS_FILE);
+    let config = s.config.clone();
+    let mut s = s;
+    s.stop().await;
+    std::fs::write(&file, b"[{\"volume\": 7}]").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let e = run(config, listener, async {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("revoked.json") && e.contains("not a revocation list"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"[{\"volume\": 7}]");
 }

@@ -512,6 +512,29 @@ mod tests {
     }
 
     #[test]
+    fn certificates_name_their_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure(dir.path(), &[Role::HostAgent], "host-a").unwrap();
+        let cert = |d: &Path| {
+            let pem = std::fs::read(cert_path(d, Role::HostAgent)).unwrap();
+            CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .unwrap()
+                .unwrap()
+        };
+        let a = cert(dir.path());
+        assert!(names_holder(&a, Role::HostAgent, "host-a"));
+        assert!(!names_holder(&a, Role::HostAgent, "host-b"));
+        assert!(!names_holder(&a, Role::Transform, "host-a"));
+        assert!(!names_holder(&a, Role::HostAgent, "bad name"));
+        // ensure keeps a certificate naming the holder, reissues one naming another.
+        ensure(dir.path(), &[Role::HostAgent], "host-a").unwrap();
+        assert_eq!(cert(dir.path()), a);
+        ensure(dir.path(), &[Role::HostAgent], "host-b").unwrap();
+        assert!(names_holder(&cert(dir.path()), Role::HostAgent, "host-b"));
+    }
+
+    #[test]
     fn bad_input_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
@@ -523,7 +546,8 @@ mod tests {
             issue(dir.path(), Role::Transform, "Bad Name"),
             Err(TlsError::Name(_))
         ));
-        assert!("kms".parse::<Role>().is_err());
+        assert!("admin".parse::<Role>().is_err());
+        assert_eq!("kms".parse::<Role>().unwrap(), Role::Kms);
         assert!(matches!(
             client_config(dir.path(), Role::Transform),
             Err(TlsError::Missing { .. })

@@ -73,6 +73,16 @@ impl Server {
         TokenKey::load_or_create(&self.config.token_key_file).unwrap()
     }
 
+    /// Graceful stop (the data directory stays while `self` lives).
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
     /// Graceful stop, then start again on the same data directory.
     pub async fn restart(mut self) -> Server {
         self.stop.take().unwrap().send(()).unwrap();
