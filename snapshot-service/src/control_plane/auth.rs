@@ -64,7 +64,7 @@ fn auth_error(e: SigV4Error) -> ApiError {
 }
 
 impl ControlPlane {
-    fn principal(&self, access_key_id: &str) -> Option<&FleetPrincipal> {
+    pub(super) fn principal(&self, access_key_id: &str) -> Option<&FleetPrincipal> {
         self.config
             .principals
             .iter()

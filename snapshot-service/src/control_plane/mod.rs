@@ -19,6 +19,7 @@
 mod auth;
 mod coordinator;
 mod ebs;
+mod ec2;
 mod jobs;
 mod servers;
 mod snapshots;

@@ -102,7 +102,7 @@ pub(super) async fn serve(
 }
 
 impl ControlPlane {
-    pub(super) async fn ebs_request(&self, req: Request<Incoming>) -> Reply {
+    pub(super) async fn ebs_request(self: &Arc<Self>, req: Request<Incoming>) -> Reply {
         let (parts, body) = req.into_parts();
         let body = Limited::new(body, MAX_BODY)
             .collect()
@@ -114,6 +114,10 @@ impl ControlPlane {
                 )
             })?
             .to_bytes();
+        // One endpoint serves the EC2 Query API too (POST / with a form body).
+        if super::ec2::is_ec2(&parts) {
+            return Ok(self.ec2_request(parts, body).await);
+        }
         let headers: Vec<(String, String)> = parts
             .headers
             .iter()
