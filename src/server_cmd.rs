@@ -5,8 +5,10 @@ use std::time::Duration;
 use anyhow::Context;
 use blockfleet_api::{BlockServerView, ControlPlaneClient};
 
+use blockfleet_core::units::CHUNK;
+
 use crate::cli::{Output, ServerCommand};
-use crate::output::emit;
+use crate::output::{emit, human_bytes};
 
 fn text(servers: &[BlockServerView]) -> String {
     let mut out = Vec::new();
@@ -23,8 +25,13 @@ fn text(servers: &[BlockServerView]) -> String {
             s.volumes.len()
         ));
         for r in &s.volumes {
-            let behind = match (r.state.as_str(), r.behind_chunks) {
-                ("behind", Some(n)) => format!(" ({n} chunks to repair)"),
+            let behind = match (r.state.as_str(), r.behind_chunks, r.fill) {
+                (_, _, Some((done, total))) => format!(
+                    " ({done}/{total} chunks, {} of {} copied)",
+                    human_bytes(done * CHUNK),
+                    human_bytes(total * CHUNK)
+                ),
+                ("behind", Some(n), None) => format!(" ({n} chunks to repair)"),
                 _ => String::new(),
             };
             let agent = r
@@ -32,7 +39,15 @@ fn text(servers: &[BlockServerView]) -> String {
                 .as_ref()
                 .map(|h| format!("  agent: {h}"))
                 .unwrap_or_default();
-            out.push(format!("  {}  {}{behind}{agent}", r.volume_id, r.state));
+            let reason = r
+                .reason
+                .as_ref()
+                .map(|w| format!("  reason: {w}"))
+                .unwrap_or_default();
+            out.push(format!(
+                "  {}  {}{behind}{agent}{reason}",
+                r.volume_id, r.state
+            ));
         }
     }
     out.join("\n")
@@ -53,6 +68,8 @@ pub async fn run(cp: ControlPlaneClient, output: Output, cmd: ServerCommand) -> 
                 .await
                 .with_context(|| format!("cannot drain {server}"))?;
             if wait {
+                // Progress: replicas left, and the fills under way with their copy rate.
+                let mut last: Option<(std::time::Instant, u64)> = None;
                 loop {
                     let servers = cp.describe_block_servers().await?;
                     let left = servers
@@ -62,7 +79,31 @@ pub async fn run(cp: ControlPlaneClient, output: Output, cmd: ServerCommand) -> 
                     if left == 0 {
                         break;
                     }
-                    eprintln!("{server}: {left} replicas left");
+                    let (done, total) = servers
+                        .iter()
+                        .flat_map(|s| &s.volumes)
+                        .filter(|r| r.state == "joining")
+                        .filter_map(|r| r.fill)
+                        .fold((0, 0), |(d, t), (a, b)| (d + a, t + b));
+                    let now = std::time::Instant::now();
+                    let rate = match last {
+                        Some((at, before)) if done >= before => {
+                            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                            format!(
+                                ", {}/s",
+                                human_bytes(
+                                    ((done - before) * CHUNK) as f64 as u64 / secs.ceil() as u64
+                                )
+                            )
+                        }
+                        _ => String::new(),
+                    };
+                    last = Some((now, done));
+                    eprintln!(
+                        "{server}: {left} replicas left; copying {done}/{total} chunks ({} of {}){rate}",
+                        human_bytes(done * CHUNK),
+                        human_bytes(total * CHUNK)
+                    );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

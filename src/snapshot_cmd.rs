@@ -158,8 +158,8 @@ pub async fn run(
             });
             if output == Output::Text {
                 eprintln!(
-                    "imported {} bytes in {secs:.2} s ({:.0} MB/s): {} chunks uploaded, {} already stored, {} zero",
-                    r.volume_size,
+                    "imported {} in {secs:.2} s ({:.0} MB/s): {} chunks uploaded, {} already stored, {} zero",
+                    crate::output::human_bytes(r.volume_size),
                     mb_per_s(r.volume_size, secs),
                     r.uploaded_chunks,
                     r.deduplicated_chunks,
@@ -193,9 +193,9 @@ pub async fn run(
             });
             emit(output, &json, || {
                 format!(
-                    "exported {id} to {} ({} bytes, {} chunks, {secs:.2} s)",
+                    "exported {id} to {} ({}, {} chunks, {secs:.2} s)",
                     out.display(),
-                    r.volume_size,
+                    crate::output::human_bytes(r.volume_size),
                     r.chunks_written
                 )
             })
@@ -238,7 +238,10 @@ pub async fn run(
                         s += &format!(
                             "\n{:<22} {:>14} {:>8}  {:<20} {:<22} {}",
                             f("snapshot_id"),
-                            f("volume_size"),
+                            r.get("volume_size")
+                                .and_then(serde_json::Value::as_u64)
+                                .map(crate::output::human_bytes)
+                                .unwrap_or_default(),
                             f("stored_chunks"),
                             f("created_at"),
                             parent,
@@ -259,12 +262,12 @@ pub async fn run(
             let summary = Summary::from(&m);
             emit(output, &summary, || {
                 format!(
-                    "snapshot     {}\nvolume size  {} bytes\nchunks       {} stored of {} ({} bytes)\nparent       {}\ncreated      {}\ndescription  {}\nencryption   {}",
+                    "snapshot     {}\nvolume size  {}\nchunks       {} stored of {} ({})\nparent       {}\ncreated      {}\ndescription  {}\nencryption   {}",
                     summary.snapshot_id,
-                    m.volume_size,
+                    crate::output::human_bytes(m.volume_size),
                     m.chunks.len(),
                     m.chunk_slots(),
-                    m.stored_bytes(),
+                    crate::output::human_bytes(m.stored_bytes()),
                     summary.parent.as_deref().unwrap_or("-"),
                     summary.created_at,
                     summary.description,

@@ -46,7 +46,7 @@ fn line(v: &Volume) -> String {
     format!(
         "{}  {:>10}  {:<9}  {:<8}  {:<9}  {}  {}",
         v.volume_id,
-        v.size,
+        crate::output::human_bytes(v.size),
         serde_json::to_value(v.state)
             .ok()
             .and_then(|s| s.as_str().map(str::to_owned))

@@ -228,6 +228,13 @@ pub struct ReplicaView {
     pub behind_chunks: Option<u64>,
     /// What the volume's host agent last reported for this replica (attached volumes).
     pub agent_health: Option<String>,
+    /// Why the host agent has this replica out (its block server's or the connection's
+    /// word), when it has.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// A joining replica's fill: chunks done of chunks to copy (drains, repairs).
+    #[serde(default)]
+    pub fill: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +269,10 @@ pub struct ReplicaHealth {
     pub health: String,
     pub repair_done: u64,
     pub repair_total: u64,
+    /// Why the replica is out, as its block server or the connection said (e.g. no space
+    /// left, the volume missing, a timeout).
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 // ---- snapshots (the coordinator) ----

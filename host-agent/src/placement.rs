@@ -52,6 +52,7 @@ pub fn follow_placement(
                         health: s.health.as_str().into(),
                         repair_done: s.repair_done,
                         repair_total: s.repair_total,
+                        reason: s.reason,
                     })
                     .collect(),
             };

@@ -101,14 +101,13 @@ impl Volume {
         self.copy_on_write(chunk..chunk + 1).await?;
         let file = Arc::clone(&self.file);
         blocking(move || {
-            let zeros;
-            let bytes: &[u8] = if data.is_empty() {
-                zeros = vec![0u8; CHUNK as usize];
-                &zeros
+            // A chunk of zeros (never written, or written as zeros) becomes a hole: a repair
+            // or a drain's new replica allocates only what holds data.
+            if data.iter().all(|b| *b == 0) {
+                zero_chunk(&file, chunk)
             } else {
-                &data
-            };
-            file.write_all_at(bytes, chunk * CHUNK)
+                file.write_all_at(&data, chunk * CHUNK)
+            }
         })
         .await?;
         let mut st = lock(&self.state);
@@ -116,5 +115,19 @@ impl Volume {
         st.dirty_chunks.insert(chunk);
         self.dirty.store(true, Ordering::Release);
         Ok(())
+    }
+}
+
+/// Zeros chunk `chunk` of `file` by punching a hole (no blocks left allocated), or by writing
+/// zeros where the filesystem cannot punch holes.
+fn zero_chunk(file: &std::fs::File, chunk: u64) -> std::io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    match fallocate(file, flags, chunk * CHUNK, CHUNK) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
+            file.write_all_at(&vec![0u8; CHUNK as usize], chunk * CHUNK)
+        }
+        Err(e) => Err(e.into()),
     }
 }

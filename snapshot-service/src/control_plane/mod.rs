@@ -121,6 +121,9 @@ pub(crate) struct ControlPlane {
     last_mark: AtomicU64,
     /// Host agents' latest views of their volumes' replicas, with when each came.
     replica_reports: Mutex<HashMap<VolumeId, (ReplicaReport, u64)>>,
+    /// Fills of new replicas the control plane runs itself (drains of unattached volumes):
+    /// chunks done of chunks to copy.
+    fills: Mutex<HashMap<VolumeId, (u64, u64)>>,
     /// The EBS direct APIs' locks, token key and manifest cache.
     ebs: ebs::EbsState,
     /// Signs requests to transform workers and host agents' fetch capabilities.
@@ -270,6 +273,7 @@ pub async fn run(
         metrics: OpMetrics::new(["pause_window", "snapshot_set"]),
         last_mark: AtomicU64::new(0),
         replica_reports: Mutex::new(HashMap::new()),
+        fills: Mutex::new(HashMap::new()),
         ebs: ebs::EbsState::default(),
         token_key,
     });

@@ -27,6 +27,10 @@ const REPORT_FRESH_MS: u64 = 5000;
 
 /// How long `DescribeBlockServers` waits for one server's answer.
 const QUERY_BOUND: Duration = Duration::from_secs(2);
+/// A replica found behind is read again up to this many times, this far apart, before it is
+/// shown behind: writes in flight are not lag.
+const CONFIRM_READS: usize = 5;
+const CONFIRM_EVERY: Duration = Duration::from_millis(100);
 
 /// A block server as one query found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,17 +113,24 @@ impl ControlPlane {
                     (_, Some(_)) => "behind",
                     (_, None) => "unreachable",
                 };
-                let agent_health = report.as_ref().and_then(|r| {
-                    r.replicas
-                        .iter()
-                        .find(|x| &x.address == addr)
-                        .map(|x| x.health.clone())
-                });
+                let seen = report
+                    .as_ref()
+                    .and_then(|r| r.replicas.iter().find(|x| &x.address == addr));
+                let joining = state == "joining";
+                let fill = match seen {
+                    Some(x) if x.repair_total > 0 && x.health != Health::InSync.as_str() => {
+                        Some((x.repair_done, x.repair_total))
+                    }
+                    _ if joining => self.fill_of(&v.id),
+                    _ => None,
+                };
                 views.entry(addr.clone()).or_default().push(ReplicaView {
                     volume_id: v.id.clone(),
                     state: state.into(),
                     behind_chunks: behind.get(addr).copied(),
-                    agent_health,
+                    agent_health: seen.map(|x| x.health.clone()),
+                    reason: seen.and_then(|x| x.reason.clone()),
+                    fill,
                 });
             }
         }
@@ -136,6 +147,14 @@ impl ControlPlane {
             })
             .collect();
         Ok(json!({ "servers": servers }))
+    }
+
+    fn fill_of(&self, id: &VolumeId) -> Option<(u64, u64)> {
+        self.fills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
     }
 
     /// Whether block server `addr` answers a request within [`QUERY_BOUND`].
@@ -157,7 +176,12 @@ impl ControlPlane {
     }
 
     /// Per replica address: how many chunks it holds at a lower version than the newest any
-    /// replica holds (absent: unreachable, unresponsive, or no answer within the bound).
+    /// replica held (absent: unreachable, unresponsive, or no answer within the bound).
+    ///
+    /// Replicas are read one after another, so a write in flight shows as a difference on a
+    /// replica in sync. A chunk counts as behind only if a second read, after the first, still
+    /// finds it below the first read's newest version: writes in flight land by then, a
+    /// replica that is really behind (out, repairing) stays below.
     async fn behind_chunks(
         &self,
         v: &VolumeRecord,
@@ -169,6 +193,61 @@ impl ControlPlane {
             .chain(v.moving.as_ref().map(|(_, to)| to))
             .filter(|a| health.get(*a).is_none_or(|h| *h == Probe::Answers))
             .collect();
+        let first = self.chunk_versions(v, &addrs).await;
+        let n = first.values().map(Vec::len).max().unwrap_or(0);
+        let best: Vec<u64> = (0..n)
+            .map(|c| {
+                first
+                    .values()
+                    .filter_map(|v| v.get(c))
+                    .max()
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let behind_in = |v: &[u64]| -> Vec<usize> {
+            best.iter()
+                .enumerate()
+                .filter(|(c, b)| v.get(*c).is_none_or(|x| x < *b))
+                .map(|(c, _)| c)
+                .collect()
+        };
+        // Per replica, the chunks the first read found behind; later reads drop those that
+        // caught up (a write in flight, or queued behind a flush, lands within moments).
+        let mut behind: HashMap<String, Vec<usize>> = first
+            .iter()
+            .map(|(a, v)| (a.clone(), behind_in(v)))
+            .collect();
+        for _ in 0..CONFIRM_READS {
+            let suspects: Vec<&String> = behind
+                .iter()
+                .filter(|(_, c)| !c.is_empty())
+                .map(|(a, _)| a)
+                .collect();
+            if suspects.is_empty() {
+                break;
+            }
+            tokio::time::sleep(CONFIRM_EVERY).await;
+            let again = self.chunk_versions(v, &suspects).await;
+            for (a, chunks) in behind.iter_mut() {
+                // A replica that stopped answering meanwhile keeps its count.
+                if let Some(now) = again.get(a) {
+                    chunks.retain(|c| now.get(*c).is_none_or(|x| *x < best[*c]));
+                }
+            }
+        }
+        behind
+            .into_iter()
+            .map(|(a, c)| (a, c.len() as u64))
+            .collect()
+    }
+
+    /// Every chunk's version on each of `addrs` (those that answer within the bound).
+    async fn chunk_versions(
+        &self,
+        v: &VolumeRecord,
+        addrs: &[&String],
+    ) -> HashMap<String, Vec<u64>> {
         let n = v.size.div_ceil(CHUNK);
         let got = futures::future::join_all(addrs.iter().map(|a| async move {
             let c = self.blocks.get(a).await.ok()?;
@@ -189,32 +268,10 @@ impl ControlPlane {
             tokio::time::timeout(QUERY_BOUND, all).await.ok().flatten()
         }))
         .await;
-        let versions: Vec<(String, Vec<u64>)> = addrs
-            .into_iter()
+        addrs
+            .iter()
             .zip(got)
-            .filter_map(|(a, v)| Some((a.clone(), v?)))
-            .collect();
-        let n = versions.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
-        let best: Vec<u64> = (0..n)
-            .map(|c| {
-                versions
-                    .iter()
-                    .filter_map(|(_, v)| v.get(c))
-                    .max()
-                    .copied()
-                    .unwrap_or(0)
-            })
-            .collect();
-        versions
-            .into_iter()
-            .map(|(a, v)| {
-                let behind = best
-                    .iter()
-                    .enumerate()
-                    .filter(|(c, b)| v.get(*c).is_none_or(|x| x < b))
-                    .count() as u64;
-                (a, behind)
-            })
+            .filter_map(|(a, v)| Some(((*a).clone(), v?)))
             .collect()
     }
 
@@ -358,8 +415,30 @@ impl ControlPlane {
                 .await
                 .map_err(|e| replicas_error(&e))?;
             r.set_members(&v.placement, Some(&to));
-            r.repair_out().await;
-            r.repair_out().await;
+            // Progress for `server ls` / `server drain --wait` while the fill runs.
+            let note = || {
+                if let Some(s) = r.status().iter().find(|s| s.addr == to) {
+                    self.fills
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), (s.repair_done, s.repair_total));
+                }
+            };
+            let fill = async {
+                r.repair_out().await;
+                r.repair_out().await;
+            };
+            tokio::pin!(fill);
+            loop {
+                tokio::select! {
+                    () = &mut fill => break,
+                    () = tokio::time::sleep(Duration::from_millis(250)) => note(),
+                }
+            }
+            self.fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
             let filled = r.status().iter().all(|s| s.health == Health::InSync);
             if !filled {
                 return Err(ApiError::unavailable(
