@@ -697,3 +697,133 @@ async fn a_drain_copies_no_zero_chunks() {
         "zeros elsewhere"
     );
 }
+
+/// A tmpfs mounted over a directory for a test, unmounted when dropped (even on a panic).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` over `dir`, keeping `dir`'s files (copied in, holes kept).
+    fn over(dir: &std::path::Path, size: &str) -> Tmpfs {
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let saved = dir.with_extension("saved");
+        std::fs::rename(dir, &saved).unwrap();
+        std::fs::create_dir(dir).unwrap();
+        run(std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir));
+        let fs = Tmpfs(dir.to_owned());
+        run(std::process::Command::new("cp")
+            .args(["-a", "--sparse=always", "-T"])
+            .arg(&saved)
+            .arg(dir));
+        fs
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A block server whose disk fills up stops cleanly; the volume's writes go on on the other
+/// two replicas with none failing, and `server ls` says why that replica is out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_stops_its_block_server_and_says_why() {
+    let mut f = Fleet::start(FleetOptions::default());
+    let (agent, volume) = open_volume(&f).await;
+    agent.flush().await.unwrap();
+    let _follow = blockfleet_host_agent::follow_placement(
+        f.host_cp.clone(),
+        agent.replicas(),
+        Duration::from_millis(200),
+    );
+    // Block server 2's data onto a tmpfs with room for its metadata and a few MiB more.
+    f.kill_block_server(2);
+    let dir = f.block_server_dir(2);
+    let _tmpfs = Tmpfs::over(&dir, "12m");
+    f.restart_block_server(2);
+    wait_in_sync(&agent, Duration::from_secs(30)).await;
+
+    // The whole volume written (and flushed) through the agent: more than the tmpfs holds.
+    let model = Model::new();
+    let mut x = 0x1234_5678_9abc_def1u64;
+    for at in (0..SIZE).step_by(1 << 20) {
+        let data: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        agent
+            .write(at, data.len() as u64, Some(&data), false)
+            .await
+            .expect("a write with two replicas left");
+        model.data.lock().unwrap()[at as usize..at as usize + data.len()].copy_from_slice(&data);
+        agent.flush().await.expect("a flush with two replicas left");
+    }
+    let out = replica_state(&agent, f.block_server_addr(2));
+    assert_eq!(out.health, Health::Out);
+    assert!(
+        out.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("no space left")),
+        "{out:?}"
+    );
+    // The full server stopped by itself, cleanly (an error exit, not a crash signal).
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = f.block_server_exited(2) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the full block server did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    // `server ls` shows the server down and why its replica went out.
+    let start = Instant::now();
+    loop {
+        let ls = f.ok(&["-o", "json", "server", "ls"]);
+        let servers: Vec<blockfleet_api::BlockServerView> = serde_json::from_str(&ls).unwrap();
+        let s2 = servers
+            .iter()
+            .find(|s| s.address == f.block_server_addr(2))
+            .unwrap();
+        let r = &s2.volumes[0];
+        if r.reason
+            .as_deref()
+            .is_some_and(|w| w.contains("no space left"))
+        {
+            assert!(!s2.reachable, "{s2:?}");
+            let text = f.ok(&["server", "ls"]);
+            assert!(text.contains("no space left"), "{text}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "server ls shows no reason: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = agent.read(0, SIZE as u32).await.unwrap();
+    assert!(
+        got == *model.data.lock().unwrap(),
+        "the volume lost acknowledged writes"
+    );
+    drop(volume);
+}

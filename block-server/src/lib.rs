@@ -42,6 +42,11 @@ pub enum BlockServerError {
     CorruptVolume { volume: String, reason: String },
     #[error("config: {0}")]
     Config(String),
+    #[error(
+        "block server data directory {path}: disk full; stopped cleanly (free space, then \
+         start it again: its replicas are repaired from the others)"
+    )]
+    DiskFull { path: String },
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -82,9 +87,22 @@ pub async fn run(
         }
         None => None,
     };
-    server::serve(store.clone(), access, tls, &config, listener, shutdown).await;
+    let full = store.disk_full();
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = full => {}
+        }
+    };
+    server::serve(store.clone(), access, tls, &config, listener, stop).await;
     if let Some(m) = metrics {
         m.abort();
     }
-    store.close().await
+    let closed = store.close().await;
+    if store.is_disk_full() {
+        return Err(BlockServerError::DiskFull {
+            path: config.data_dir.display().to_string(),
+        });
+    }
+    closed
 }

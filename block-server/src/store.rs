@@ -37,13 +37,34 @@ pub struct Store {
     syncs_started: AtomicU64,
     syncs_done: AtomicU64,
     pub metrics: Metrics,
+    /// Set when the disk is found full: the server then shuts down cleanly.
+    full: tokio::sync::watch::Sender<bool>,
 }
 
 fn meta_err(e: impl std::fmt::Display) -> OpError {
-    op_err(ErrorCode::Io, format!("metadata: {e}"))
+    let message = format!("metadata: {e}");
+    // sled reports a full disk as an I/O error of its own.
+    let code = if message.contains("os error 28") {
+        ErrorCode::NoSpace
+    } else {
+        ErrorCode::Io
+    };
+    op_err(code, message)
 }
 
 impl Store {
+    /// Resolves once the disk has been found full.
+    pub fn disk_full(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.full.subscribe();
+        async move {
+            let _ = rx.wait_for(|f| *f).await;
+        }
+    }
+
+    pub fn is_disk_full(&self) -> bool {
+        *self.full.borrow()
+    }
+
     /// Opens the store, recovering from whatever a crash left: volume directories without a
     /// record are removed, open marks are gone, and an unclean shutdown is recorded per volume.
     pub fn open(config: &BlockServerConfig) -> Result<Self, BlockServerError> {
@@ -104,6 +125,7 @@ impl Store {
             syncs_started: AtomicU64::new(0),
             syncs_done: AtomicU64::new(0),
             metrics: Metrics::default(),
+            full: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -236,6 +258,11 @@ impl Store {
         if let Err(e) = &result {
             let op = crate::metrics::OPS[op];
             match e.code {
+                ErrorCode::NoSpace => {
+                    if !self.full.send_replace(true) {
+                        tracing::error!(op, error = %e, dir = %self.dir.display(), "disk full: shutting down (in-flight requests finish, metadata is flushed as far as it fits)");
+                    }
+                }
                 ErrorCode::Io => tracing::warn!(op, error = %e, "request failed"),
                 _ => tracing::debug!(op, code = ?e.code, error = %e, "request refused"),
             }

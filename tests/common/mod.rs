@@ -447,6 +447,11 @@ secret_access_key = "host-secret-0123"
         p.child.wait().unwrap();
     }
 
+    /// Block server `i`'s exit status, if it has exited.
+    pub fn block_server_exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.block_servers[i].child.try_wait().unwrap()
+    }
+
     pub fn block_server_addr(&self, i: usize) -> &str {
         &self.block_servers[i].addr
     }

@@ -78,7 +78,15 @@ struct Member {
     pending: BTreeSet<u64>,
     /// No longer placed (moved away): kept so member indices stay put, never used again.
     retired: bool,
+    /// Rejoins tried and failed since it was last in sync, and when that was last logged.
+    failed_rejoins: u64,
+    logged_at: Option<std::time::Instant>,
+    /// Why it was last marked out.
+    cause: Option<String>,
 }
+
+/// How often a replica whose rejoin keeps failing is logged again.
+const REJOIN_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One replica as reported: address, health, why it is out, repair progress (chunks).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +151,9 @@ pub struct ReplicatedVolume {
 fn replica_fault(e: &ClientError) -> bool {
     matches!(
         e.code(),
-        None | Some(ErrorCode::Io | ErrorCode::ShuttingDown | ErrorCode::NoSuchVolume)
+        None | Some(
+            ErrorCode::Io | ErrorCode::ShuttingDown | ErrorCode::NoSuchVolume | ErrorCode::NoSpace
+        )
     )
 }
 
@@ -262,6 +272,9 @@ impl ReplicatedVolume {
                     repair_total: 0,
                     pending: BTreeSet::new(),
                     retired: false,
+                    failed_rejoins: 0,
+                    logged_at: None,
+                    cause: None,
                 }
             })
             .collect();
@@ -392,6 +405,9 @@ impl ReplicatedVolume {
                     repair_total: 0,
                     pending: BTreeSet::new(),
                     retired: false,
+                    failed_rejoins: 0,
+                    logged_at: None,
+                    cause: None,
                 });
             }
         }
@@ -444,6 +460,29 @@ impl ReplicatedVolume {
         }
     }
 
+    /// A failed attempt to bring replica `i` back: its reason is kept (shown in reports), and
+    /// logged at the first failure and then at most once a minute with the count, so a
+    /// replica that stays out is visible without a log line every pass.
+    pub(crate) fn rejoin_failed(&self, i: usize, reason: &str) {
+        let mut m = self.lock();
+        let Some(m) = m.get_mut(i) else { return };
+        m.health = Health::Out;
+        m.client = None;
+        // The cause (why it went out) stays first: what each retry meets after it (e.g. a
+        // refused connection from a server that stopped) says less.
+        let cause = m.cause.clone();
+        m.reason = Some(match cause {
+            Some(c) if c != reason => format!("{c}; rejoin: {reason}"),
+            _ => reason.to_owned(),
+        });
+        m.failed_rejoins += 1;
+        let due = m.logged_at.is_none_or(|t| t.elapsed() >= REJOIN_LOG_EVERY);
+        if due {
+            m.logged_at = Some(std::time::Instant::now());
+            tracing::warn!(volume = %self.volume, replica = %m.addr, reason, attempts = m.failed_rejoins, "replica still out: rejoin failing");
+        }
+    }
+
     fn mark_out(&self, i: usize, reason: &str) {
         let mut m = self.lock();
         let Some(m) = m.get_mut(i) else { return };
@@ -454,6 +493,7 @@ impl ReplicatedVolume {
         m.health = Health::Out;
         m.client = None;
         m.reason = Some(reason.to_owned());
+        m.cause = Some(reason.to_owned());
         m.pending.clear();
     }
 

@@ -52,13 +52,17 @@ impl ReplicatedVolume {
             }
         }
         for (i, _, addr) in out {
-            let Ok(c) = connect(&addr, self.timeout, self.grant().as_ref()).await else {
-                continue;
+            let c = match connect(&addr, self.timeout, self.grant().as_ref()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.rejoin_failed(i, &format!("cannot reconnect: {e}"));
+                    continue;
+                }
             };
             let done = match self.rejoin(i, c).await {
                 Ok(()) => self.finish_repair(i).await,
                 Err(e) => {
-                    self.mark_out(i, &format!("rejoin failed: {e}"));
+                    self.rejoin_failed(i, &format!("rejoin failed: {e}"));
                     continue;
                 }
             };
@@ -176,6 +180,10 @@ impl ReplicatedVolume {
         let mut m = self.lock();
         if m[i].health == Health::Repairing && m[i].pending.is_empty() {
             m[i].health = Health::InSync;
+            m[i].reason = None;
+            m[i].failed_rejoins = 0;
+            m[i].logged_at = None;
+            m[i].cause = None;
             self.metrics.repairs.fetch_add(1, Ordering::Relaxed);
             tracing::info!(volume = %self.volume, replica = %m[i].addr, "replica in sync");
         }

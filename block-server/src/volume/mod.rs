@@ -56,7 +56,13 @@ pub fn op_err(code: ErrorCode, message: impl Into<String>) -> OpError {
 
 impl From<io::Error> for OpError {
     fn from(e: io::Error) -> Self {
-        op_err(ErrorCode::Io, e.to_string())
+        match e.kind() {
+            io::ErrorKind::StorageFull => op_err(
+                ErrorCode::NoSpace,
+                format!("no space left on the block server's disk ({e})"),
+            ),
+            _ => op_err(ErrorCode::Io, e.to_string()),
+        }
     }
 }
 

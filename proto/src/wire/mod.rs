@@ -41,7 +41,7 @@ mod tests;
 use codec::{frame, Reader};
 pub use response::{decode_response, decode_response_bytes, encode_response, DecodedResponse};
 
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 pub const MAGIC: &[u8; 8] = b"BFBLOCK\0";
 /// Largest data payload of one Read or Write.
 pub const MAX_IO: u32 = 8 << 20;
@@ -87,6 +87,8 @@ pub enum ErrorCode {
     VersionMismatch = 14,
     /// The connection holds no capability that allows the request.
     AccessDenied = 15,
+    /// The block server's disk is full (it shuts down: see the operations guide).
+    NoSpace = 16,
 }
 
 impl ErrorCode {
@@ -108,6 +110,7 @@ impl ErrorCode {
             13 => NotHydrated,
             14 => VersionMismatch,
             15 => AccessDenied,
+            16 => NoSpace,
             _ => return None,
         })
     }
