@@ -262,6 +262,9 @@ pub enum VolumeCommand {
         /// Wait for hydration to finish, with a progress bar.
         #[arg(long)]
         wait: bool,
+        /// Make the call idempotent: a retry with the same token returns the same volumes.
+        #[arg(long)]
+        client_token: Option<String>,
     },
     /// List volumes.
     Ls,

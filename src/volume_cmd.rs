@@ -126,6 +126,7 @@ pub async fn run(cp: ControlPlaneClient, output: Output, cmd: VolumeCommand) -> 
             count,
             tags,
             wait,
+            client_token,
         } => {
             let req = CreateVolumeRequest {
                 size: size.as_deref().map(parse_size).transpose()?,
@@ -135,6 +136,7 @@ pub async fn run(cp: ControlPlaneClient, output: Output, cmd: VolumeCommand) -> 
                 kms_key_id: kms_key.as_deref().map(str::parse).transpose()?,
                 count: Some(count),
                 tags: parse_tags(&tags)?,
+                client_token,
             };
             let mut vols = cp.create_volume(&req).await?;
             if wait && vols.iter().any(|v| v.hydration.is_some()) {

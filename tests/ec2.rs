@@ -215,19 +215,45 @@ async fn the_aws_cli_snapshots_an_instance_and_restores_through_ec2() {
 
     // A volume from the snapshot, encrypted under its own key, on another instance: it reads
     // as the source at the cut.
-    let restored = ec2(
-        &f,
-        &[
-            "create-volume",
-            "--snapshot-id",
-            &snap,
-            "--encrypted",
-            "--availability-zone",
-            "blockfleet-1a",
-        ],
-    );
+    let other_key = f
+        .kms("AKCP", "cp-secret-0123")
+        .await
+        .create_key("restores")
+        .await
+        .unwrap();
+    let restore = |token: &str, size: &str| {
+        ec2_as(
+            &f,
+            ADMIN,
+            &[
+                "create-volume",
+                "--snapshot-id",
+                &snap,
+                "--encrypted",
+                "--kms-key-id",
+                &other_key,
+                "--size",
+                size,
+                "--client-token",
+                token,
+                "--availability-zone",
+                "blockfleet-1a",
+            ],
+        )
+    };
+    let restored = restore("restore-1", "1").unwrap();
     assert_eq!(restored["Encrypted"], true, "{restored}");
+    assert!(
+        restored["KmsKeyId"].as_str().unwrap().contains(&other_key),
+        "{restored}"
+    );
     assert_eq!(restored["SnapshotId"], snap.as_str());
+    // A retry with its client token is the same volume; the token with other parameters is
+    // refused.
+    let again = restore("restore-1", "1").unwrap();
+    assert_eq!(again["VolumeId"], restored["VolumeId"], "{again}");
+    let e = restore("restore-1", "2").unwrap_err();
+    assert!(e.contains("IdempotentParameterMismatch"), "{e}");
     let rv = restored["VolumeId"].as_str().unwrap().to_owned();
     ec2(
         &f,

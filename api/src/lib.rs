@@ -33,6 +33,10 @@ pub struct CreateVolumeRequest {
     pub count: Option<u32>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// Idempotency (1 to 64 characters): a retry with the same token and parameters returns
+    /// the volumes the first call made; other parameters get `IdempotentParameterMismatch`.
+    #[serde(default)]
+    pub client_token: Option<String>,
 }
 
 /// At most 50 tags, keys 1-128 characters, values at most 256 (AWS's limits).

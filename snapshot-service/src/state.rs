@@ -288,13 +288,18 @@ impl State {
         Ok(())
     }
 
-    /// The set a client token made, if any.
+    /// What a client token made (a set id; `create-volume:` tokens: fingerprint and ids).
     pub fn token(&self, token: &str) -> Result<Option<String>, StateError> {
         get(&self.tokens, token)
     }
 
-    pub fn put_token(&self, token: &str, set_id: &str) -> Result<(), StateError> {
-        put(&self.tokens, token, &set_id)
+    pub fn put_token(&self, token: &str, made: &str) -> Result<(), StateError> {
+        put(&self.tokens, token, &made)
+    }
+
+    pub fn remove_token(&self, token: &str) -> Result<(), StateError> {
+        self.tokens.remove(token)?;
+        Ok(())
     }
 
     pub fn record_upload(&self, set_id: &str, hash: &str) -> Result<(), StateError> {

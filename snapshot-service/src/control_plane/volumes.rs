@@ -244,7 +244,43 @@ impl ControlPlane {
                 format!("size {size}: must be a positive multiple of {CHUNK} bytes (512 KiB), at most {MAX_SIZE}"),
             ));
         }
+        if let Some(t) = &req.client_token {
+            if t.is_empty() || t.len() > 64 {
+                return Err(ApiError::bad_request(
+                    "InvalidParameterValue",
+                    "client_token: 1 to 64 characters",
+                ));
+            }
+        }
         let _changes = self.changes.lock().await;
+        // A retried call with its client token: the volumes the first call made.
+        let token = req.client_token.as_ref().map(|t| {
+            let fingerprint = serde_json::to_vec(&req).unwrap_or_default();
+            (
+                format!("create-volume:{t}"),
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&fingerprint)),
+            )
+        });
+        if let Some((key, fingerprint)) = &token {
+            if let Some(earlier) = self.state.token(key)? {
+                let (fp, ids) = earlier.split_once('|').unwrap_or(("", ""));
+                if fp != fingerprint {
+                    return Err(ApiError::conflict(
+                        "IdempotentParameterMismatch",
+                        "this client token was used for a CreateVolume with other parameters",
+                    ));
+                }
+                let mut out = Vec::new();
+                for id in ids.split(',').filter(|s| !s.is_empty()) {
+                    if let Some(v) = self.state.volume(&id.parse().map_err(|e| {
+                        ApiError::internal(format!("stored token names a bad id: {e}"))
+                    })?)? {
+                        out.push(self.describe(&v).await?);
+                    }
+                }
+                return Ok(json!({ "volumes": out }));
+            }
+        }
         let key = if req.encrypted || req.kms_key_id.is_some() {
             let asked = match &req.kms_key_id {
                 Some(k) => k.clone(),
@@ -352,6 +388,11 @@ impl ControlPlane {
                     error: None,
                 })?;
             }
+            if let Some((key, fingerprint)) = &token {
+                let ids: Vec<&str> = made.iter().map(|v| v.id.as_str()).collect();
+                self.state
+                    .put_token(key, &format!("{fingerprint}|{}", ids.join(",")))?;
+            }
             self.state.flush()?;
             Ok::<_, ApiError>(())
         }
@@ -365,6 +406,9 @@ impl ControlPlane {
                     }
                 }
                 let _ = self.state.remove_volume(&v.id);
+            }
+            if let Some((key, _)) = &token {
+                let _ = self.state.remove_token(key);
             }
             let _ = self.state.flush();
             if let Some(s) = &source {

@@ -449,6 +449,9 @@ impl ControlPlane {
         if let Some(k) = kms {
             req["kms_key_id"] = json!(k);
         }
+        if let Some(t) = p.get("ClientToken") {
+            req["client_token"] = json!(t);
+        }
         let created: VolumesReply = from(self.create_volume(&json_body(req)).await?)?;
         let v = created.volumes.into_iter().next().ok_or_else(|| {
             Ec2Error::from(blockfleet_core::httpjson::ApiError::internal(
