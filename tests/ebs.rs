@@ -465,29 +465,8 @@ async fn bad_input_gets_the_aws_error_and_stores_nothing() {
 async fn the_aws_cli_uploads_and_downloads() {
     let f = Fleet::start(FleetOptions::default());
     let aws = |args: &[&str]| -> serde_json::Value {
-        let out = std::process::Command::new("aws")
-            .args([
-                "ebs",
-                "--endpoint-url",
-                &f.ebs_endpoint,
-                "--region",
-                "local",
-                "--output",
-                "json",
-            ])
-            .args(args)
-            .env("AWS_ACCESS_KEY_ID", "AKEBS")
-            .env("AWS_SECRET_ACCESS_KEY", "ebs-secret-0123")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .output()
-            .expect("the aws CLI (pip install awscli)");
-        assert!(
-            out.status.success(),
-            "aws ebs {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+        common::aws("ebs", &f.ebs_endpoint, ("AKEBS", "ebs-secret-0123"), args)
+            .unwrap_or_else(|e| panic!("aws ebs {args:?}: {e}"))
     };
     let data = block(42);
     let file = f.dir.path().join("block.bin");

@@ -8,38 +8,15 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::SystemTime;
 
 use blockfleet_core::sigv4::sign_request;
-use common::{spawn, Fleet, FleetOptions, Proc};
+use common::{qemu_io, spawn, Fleet, FleetOptions};
 use serde_json::Value;
 
-/// `aws ec2 ARGS` as the fleet's admin principal; the parsed JSON output, or the CLI's error
-/// text.
+/// `aws ec2 ARGS` as `key`: the parsed JSON output, or the CLI's error text.
 fn ec2_as(f: &Fleet, key: (&str, &str), args: &[&str]) -> Result<Value, String> {
-    let out = Command::new("aws")
-        .args([
-            "ec2",
-            "--endpoint-url",
-            &f.ebs_endpoint,
-            "--region",
-            "local",
-            "--output",
-            "json",
-        ])
-        .args(args)
-        .env("AWS_ACCESS_KEY_ID", key.0)
-        .env("AWS_SECRET_ACCESS_KEY", key.1)
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .output()
-        .expect("the aws CLI (pip install awscli)");
-    if out.status.success() {
-        Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
+    common::aws("ec2", &f.ebs_endpoint, key, args)
 }
 
 const ADMIN: (&str, &str) = ("AKADMIN", "admin-secret-0123");
@@ -56,20 +33,6 @@ fn ec2_error(f: &Fleet, key: (&str, &str), args: &[&str]) -> String {
         .and_then(|s| s.split(')').next())
         .unwrap_or_else(|| panic!("no error code in {e:?}"))
         .to_owned()
-}
-
-fn qemu_io(agent: &Proc, cmd: &str) -> String {
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", cmd, &format!("nbd://{}", agent.addr)])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("error") && !text.contains("failed"),
-        "{cmd}: {text}"
-    );
-    text
 }
 
 fn volume_count(f: &Fleet) -> usize {

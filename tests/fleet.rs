@@ -325,19 +325,6 @@ async fn snapshot_to_four_encrypted_volumes_reencryption_and_bad_input() {
     );
 }
 
-fn qemu_io(agent: &Proc, cmd: &str) {
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", cmd, &format!("nbd://{}", agent.addr)])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("error") && !text.contains("failed"),
-        "{cmd}: {text}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_job_resumes_and_user_writes_survive() {
     // Background hydration paced at 8 MiB/s so the kill lands mid-job.
@@ -383,13 +370,13 @@ async fn worker_killed_mid_job_resumes_and_user_writes_survive() {
 
     // A user write to a chunk not hydrated yet, while no worker runs.
     let off = (chunks - 2) * CHUNK + 8192;
-    qemu_io(&agent, &format!("write -P 0xab {off} 65536"));
+    common::qemu_io(&agent, &format!("write -P 0xab {off} 65536"));
     expect[off as usize..off as usize + 65536].fill(0xab);
 
     f.start_transform();
     // An unaligned write needs the units around it: fetched on demand.
     let off2 = (chunks - 5) * CHUNK + 1000;
-    qemu_io(&agent, &format!("write -P 0xcd {off2} 3000"));
+    common::qemu_io(&agent, &format!("write -P 0xcd {off2} 3000"));
     expect[off2 as usize..off2 as usize + 3000].fill(0xcd);
     // Reading everything during hydration: the snapshot's data and the user's writes.
     assert!(
@@ -429,7 +416,7 @@ async fn volume_copied_from_a_volume_at_the_moment_asked() {
     let src = f.create(&["--from-snapshot", &snap, "--encrypted", "--wait"]);
     let a = src[0].volume_id.clone();
     let agent_a = f.attach(&a);
-    qemu_io(&agent_a, &format!("write -P 0x11 {} 8192", 3 * CHUNK));
+    common::qemu_io(&agent_a, &format!("write -P 0x11 {} 8192", 3 * CHUNK));
     at_cut[3 * CHUNK as usize..3 * CHUNK as usize + 8192].fill(0x11);
 
     // Two copies at once in one call, under another key; then the source changes at once.
@@ -445,7 +432,7 @@ async fn volume_copied_from_a_volume_at_the_moment_asked() {
     ]);
     let mut now = at_cut.clone();
     let late = (chunks - 1) * CHUNK;
-    qemu_io(&agent_a, &format!("write -P 0x22 {late} 65536"));
+    common::qemu_io(&agent_a, &format!("write -P 0x22 {late} 65536"));
     now[late as usize..late as usize + 65536].fill(0x22);
 
     // While the copy runs: the source cannot be deleted.

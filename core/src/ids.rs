@@ -47,6 +47,23 @@ fn parse_prefixed(
     }
 }
 
+/// A random version-4 UUID: the shape of AWS KMS key ids and AWS request ids.
+pub fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the OS random source failed");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 /// 17 random lowercase hex digits after `prefix`.
 fn generate_prefixed(prefix: &str) -> String {
     let mut bytes = [0u8; 9];

@@ -70,21 +70,7 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
-/// A random version-4 UUID, the shape of AWS KMS key ids.
-pub fn new_uuid() -> String {
-    let mut b = random::<16>();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
+pub use blockfleet_core::ids::new_uuid;
 
 /// Associated data for a context: sorted pairs, each part length-prefixed (unambiguous).
 fn context_aad(context: &BTreeMap<String, String>) -> Vec<u8> {

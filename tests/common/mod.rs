@@ -583,6 +583,47 @@ pub fn scrape(port: u16, name: &str) -> u64 {
         .unwrap()
 }
 
+/// `qemu-io -c CMD` against a host agent's NBD export; its output (a failure or a pattern
+/// mismatch fails the test).
+pub fn qemu_io(agent: &Proc, cmd: &str) -> String {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", cmd, &format!("nbd://{}", agent.addr)])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("error") && !text.contains("failed"),
+        "{cmd}: {text}"
+    );
+    text
+}
+
+/// `aws SERVICE ARGS` (the AWS CLI from PyPI) against `endpoint` as `key` (access key id,
+/// secret), no profile or config file: the parsed JSON output, or the CLI's error text.
+pub fn aws(
+    service: &str,
+    endpoint: &str,
+    key: (&str, &str),
+    args: &[&str],
+) -> Result<serde_json::Value, String> {
+    let out = Command::new("aws")
+        .args([service, "--endpoint-url", endpoint, "--region", "local"])
+        .args(["--output", "json"])
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", key.0)
+        .env("AWS_SECRET_ACCESS_KEY", key.1)
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .output()
+        .expect("the aws CLI (pip install awscli)");
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 /// A numeric setting from the environment (benches' sizes and sample counts), or `default`.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

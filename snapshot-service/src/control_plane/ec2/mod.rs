@@ -48,17 +48,7 @@ pub(super) fn is_ec2(parts: &Parts) -> bool {
 }
 
 fn request_id() -> String {
-    let mut b = [0u8; 16];
-    let _ = getrandom::fill(&mut b);
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    blockfleet_core::ids::new_uuid()
 }
 
 fn reply(status: u16, body: String) -> Response<Full<Bytes>> {
