@@ -160,6 +160,8 @@ fn import_export_round_trip_with_dedup_zeros_and_parent() {
     let out = env.run(&["snapshot", "show", &id]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("first") && text.contains(&id), "{text}");
+    // People read binary units (JSON above keeps bytes): 9 chunks and 8 KiB.
+    assert!(text.contains("volume size  4.51 MiB"), "{text}");
 }
 
 #[test]

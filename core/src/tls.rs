@@ -518,6 +518,44 @@ mod tests {
         client_config(dir.path(), Role::HostAgent).unwrap();
     }
 
+    /// Drives a client and a server handshake in memory to the end.
+    fn handshake(dir: &Path) -> rustls::ClientConnection {
+        let mut client = rustls::ClientConnection::new(
+            client_config(dir, Role::HostAgent).unwrap(),
+            server_name(Role::BlockServer),
+        )
+        .unwrap();
+        let mut server =
+            rustls::ServerConnection::new(server_config(dir, Role::BlockServer).unwrap()).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            client.write_tls(&mut buf).unwrap();
+            server.read_tls(&mut &buf[..]).unwrap();
+            server.process_new_packets().unwrap();
+            buf.clear();
+            server.write_tls(&mut buf).unwrap();
+            client.read_tls(&mut &buf[..]).unwrap();
+            client.process_new_packets().unwrap();
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!client.is_handshaking(), "the handshake did not finish");
+        client
+    }
+
+    #[test]
+    fn fleet_links_prefer_aes_128_gcm_over_tls_1_3() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure(dir.path(), &[Role::HostAgent, Role::BlockServer], "t").unwrap();
+        let c = handshake(dir.path());
+        assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(
+            c.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+    }
+
     #[test]
     fn certificates_name_their_holder() {
         let dir = tempfile::tempdir().unwrap();
