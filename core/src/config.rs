@@ -643,6 +643,10 @@ mod tests {
             ),
             ("[store\n", "line 1"),
             ("bogus = 1", "unknown field"),
+            (
+                "[tls]\ndir = \"t\"\n[transform]\ncontrol_plane = \"http://127.0.0.1:7000\"",
+                "transform.control_plane",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err().to_string();
