@@ -91,9 +91,7 @@ pub async fn run(cp: ControlPlaneClient, output: Output, cmd: ServerCommand) -> 
                             let secs = now.duration_since(at).as_secs_f64().max(1e-3);
                             format!(
                                 ", {}/s",
-                                human_bytes(
-                                    ((done - before) * CHUNK) as f64 as u64 / secs.ceil() as u64
-                                )
+                                human_bytes((((done - before) * CHUNK) as f64 / secs) as u64)
                             )
                         }
                         _ => String::new(),

@@ -76,6 +76,11 @@ fn from<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, Ec2Error> {
     })
 }
 
+/// The list `name` of a control-plane reply.
+fn list_of<T: serde::de::DeserializeOwned>(reply: Value, name: &str) -> Result<Vec<T>, Ec2Error> {
+    from(reply.get(name).cloned().unwrap_or(Value::Null))
+}
+
 /// The page of `items` (sorted by `key`) after `NextToken`, at most `MaxResults`.
 fn page<T>(
     p: &Params,
@@ -319,16 +324,7 @@ impl ControlPlane {
     /// (the coordinator cuts attached volumes: it pauses their host agent).
     async fn ec2_create_snapshot(self: &Arc<Self>, p: &Params, id: &str) -> Ec2Reply {
         let vid = p.required("VolumeId")?;
-        let volumes: VolumesReply = from(
-            self.describe_volumes(&json_body(json!({ "volume_ids": [vid] })))
-                .await?,
-        )?;
-        let v = volumes.volumes.into_iter().next().ok_or_else(|| {
-            Ec2Error::new(
-                "InvalidVolume.NotFound",
-                format!("The volume '{vid}' does not exist."),
-            )
-        })?;
+        let v = self.ec2_volume(vid).await?;
         let Some(a) = &v.attachment else {
             return Err(Ec2Error::new(
                 "IncorrectState",
@@ -338,10 +334,10 @@ impl ControlPlane {
                 ),
             ));
         };
-        let instances: Vec<Instance> = from::<Value>(
+        let instances: Vec<Instance> = list_of(
             self.describe_instances(&json_body(json!({ "instance_ids": [a.instance_id] })))?,
-        )
-        .and_then(|v| from(v["instances"].clone()))?;
+            "instances",
+        )?;
         let others: Vec<String> = instances
             .iter()
             .flat_map(|i| &i.volumes)
@@ -373,9 +369,10 @@ impl ControlPlane {
     fn ec2_describe_snapshots(&self, p: &Params, id: &str) -> Ec2Reply {
         let ids = p.list("SnapshotId")?;
         let filters = p.filters()?;
-        let all: Vec<Snapshot> =
-            from::<Value>(self.describe_snapshots(&json_body(json!({ "snapshot_ids": ids })))?)
-                .and_then(|v| from(v["snapshots"].clone()))?;
+        let all: Vec<Snapshot> = list_of(
+            self.describe_snapshots(&json_body(json!({ "snapshot_ids": ids })))?,
+            "snapshots",
+        )?;
         let mut kept = Vec::new();
         for s in all {
             let field = |name: &str| -> Vec<String> {
@@ -547,9 +544,10 @@ impl ControlPlane {
 
     fn ec2_describe_instances(&self, p: &Params, id: &str) -> Ec2Reply {
         let ids = p.list("InstanceId")?;
-        let instances: Vec<Instance> =
-            from::<Value>(self.describe_instances(&json_body(json!({ "instance_ids": ids })))?)
-                .and_then(|v| from(v["instances"].clone()))?;
+        let instances: Vec<Instance> = list_of(
+            self.describe_instances(&json_body(json!({ "instance_ids": ids })))?,
+            "instances",
+        )?;
         Ok(Xml::response("DescribeInstances", id, |x| {
             x.items("reservationSet", &instances, |x, i| {
                 x.leaf(
